@@ -1,0 +1,48 @@
+# The project's commands. Each one sets itself up on a fresh clone:
+# a pinned uv in .tools/, then the locked environment in .venv/ (Python 3.11).
+
+SHELL := /bin/bash
+UV_VERSION := 0.13.9
+UV := .tools/uv/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON_VERSION := 3.11
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: help setup run test lint typecheck pytest clean
+
+help:
+	@echo "make run    - run the pipeline on the built-in sample (sets itself up)"
+	@echo "make test   - ruff, mypy, then pytest (sets itself up)"
+
+$(UV):
+	python$(PYTHON_VERSION) -m venv .tools/uv
+	.tools/uv/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --python $(PYTHON_VERSION)
+	touch $@
+
+setup: $(VENV)/.synced
+
+run: setup
+	$(BIN)/mlops ingest
+	$(BIN)/mlops validate
+	$(BIN)/mlops augment
+	$(BIN)/mlops version
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Keras architectures, built inside a distribution strategy's scope."""

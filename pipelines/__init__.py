@@ -1,0 +1,7 @@
+"""Pipeline steps: ingest, validate, augment, version, train, evaluate, gate, register, promote; and the CLI."""
+
+import os
+
+# tf-keras (Keras 2), not Keras 3, backs ``tf.keras`` in this project: Keras 3.15's ``model.fit`` fails
+# under MultiWorkerMirroredStrategy (keras issue 20585). It must be set before TensorFlow is imported.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")

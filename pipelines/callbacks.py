@@ -1,0 +1,59 @@
+"""Keras callbacks of the training workers: a progress log every worker keeps, and the chief's MLflow logger.
+
+This module imports tf-keras at the top: import it only inside a training worker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import tf_keras
+
+
+class ProgressLog(tf_keras.callbacks.Callback):  # type: ignore[misc]
+    """Append each finished epoch (metrics, seconds, samples) to a JSON-lines file; time the epochs."""
+
+    def __init__(self, path: Path, samples_per_epoch: int) -> None:
+        super().__init__()
+        self.path = path
+        self.samples_per_epoch = samples_per_epoch
+        self.first_epoch = -1
+        self.epoch_seconds: list[float] = []
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        """Remember the first epoch of this attempt (above 0 when resumed from a backup) and start the clock."""
+        if self.first_epoch < 0:
+            self.first_epoch = epoch
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        """Record the epoch's metrics and duration."""
+        seconds = time.perf_counter() - self._started
+        self.epoch_seconds.append(seconds)
+        record: dict[str, float | int] = {
+            "epoch": epoch,
+            "seconds": round(seconds, 4),
+            "samples": self.samples_per_epoch,
+        }
+        record.update({key: float(value) for key, value in (logs or {}).items()})
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def samples_per_second(self) -> float:
+        """Training throughput; the first epoch (tracing, cache filling) is left out when there are others."""
+        timed = self.epoch_seconds[1:] or self.epoch_seconds
+        total = sum(timed)
+        return self.samples_per_epoch * len(timed) / total if total > 0 else 0.0
+
+
+class MlflowEpochLogger(tf_keras.callbacks.Callback):  # type: ignore[misc]
+    """Log every epoch's metrics to the active MLflow run, with the epoch as the step."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        """Send this epoch's metrics."""
+        import mlflow
+
+        mlflow.log_metrics({key: float(value) for key, value in (logs or {}).items()}, step=epoch)

@@ -1,0 +1,24 @@
+"""Exceptions the pipeline raises for problems a user can fix.
+
+The CLI prints their message (no traceback) and exits non-zero; Airflow tasks let them fail the task.
+"""
+
+
+class PipelineError(Exception):
+    """A problem with input, configuration or state that the user can fix."""
+
+
+class ConfigError(PipelineError):
+    """``params.yaml`` is missing, malformed, has an unknown key or a value of the wrong type."""
+
+
+class IngestError(PipelineError):
+    """The image source is missing, empty, unreadable or holds an invalid image."""
+
+
+class DataValidationError(PipelineError):
+    """The dataset failed its Great Expectations suite."""
+
+
+class VersioningError(PipelineError):
+    """DVC could not version, push or restore the dataset."""

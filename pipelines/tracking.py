@@ -1,0 +1,143 @@
+"""MLflow connection: where runs and models go, and retries when the tracking server is away.
+
+Default: a SQLite file and an artifact folder inside the project (``artifacts/mlflow/``), so nothing
+has to be set up. ``MLFLOW_TRACKING_URI`` in the environment moves everything to a tracking server
+(credentials, if any, also come from the environment: ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pipelines.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipelines.project import Project
+
+T = TypeVar("T")
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+class TrackingError(PipelineError):
+    """The MLflow tracking server could not be reached or refused a request."""
+
+
+def mlflow_dir(project: Project) -> Path:
+    """The project-local MLflow folder used when no tracking server is configured."""
+    return project.root / "artifacts" / "mlflow"
+
+
+def tracking_uri(project: Project) -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else the project's SQLite store."""
+    configured = os.environ.get(TRACKING_ENV, "").strip()
+    if configured:
+        return configured
+    return f"sqlite:///{mlflow_dir(project) / 'mlflow.db'}"
+
+
+def _is_local_default(project: Project) -> bool:
+    return not os.environ.get(TRACKING_ENV, "").strip()
+
+
+def with_retries(action: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 1.0) -> T:
+    """Run ``action``; on a connection-type failure retry with exponential backoff, then raise TrackingError."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    delay = base_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError) as error:
+            last: Exception = error
+        except MlflowException as error:
+            text = str(error)
+            transient = any(
+                marker in text for marker in ("Connection", "Max retries", "503", "502", "504", "timed out")
+            )
+            if not transient:
+                raise
+            last = error
+        if attempt < attempts:
+            time.sleep(delay)
+            delay *= 2
+    raise TrackingError(f"MLflow tracking server unreachable while trying to {what} ({attempts} attempts): {last}")
+
+
+def connect(project: Project, experiment: str | None = None) -> str:
+    """Point MLflow at the project's tracking URI and make sure the experiment exists; return its id."""
+    # Keep MLflow's own HTTP retries short: our backoff decides how long to wait, and says why.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    import mlflow
+
+    uri = tracking_uri(project)
+    if _is_local_default(project):
+        mlflow_dir(project).mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name = experiment or project.config.registry.experiment
+
+    def ensure() -> str:
+        found = mlflow.get_experiment_by_name(name)
+        if found is not None:
+            return str(found.experiment_id)
+        location = (mlflow_dir(project) / "artifacts" / name).as_uri() if _is_local_default(project) else None
+        try:
+            return str(mlflow.create_experiment(name, artifact_location=location))
+        except Exception:
+            # Another process created it between our lookup and create.
+            again = mlflow.get_experiment_by_name(name)
+            if again is None:
+                raise
+            return str(again.experiment_id)
+
+    experiment_id = with_retries(ensure, f"open experiment {name!r} at {uri}")
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def git_commit(root: Path) -> str:
+    """The git commit of ``root`` (with ``-dirty`` if the work tree has changes), or ``unknown``."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def airflow_context_tags() -> dict[str, str]:
+    """Airflow DAG, run and task ids from the environment Airflow sets for a running task."""
+    names = {
+        "airflow.dag_id": "AIRFLOW_CTX_DAG_ID",
+        "airflow.run_id": "AIRFLOW_CTX_DAG_RUN_ID",
+        "airflow.task_id": "AIRFLOW_CTX_TASK_ID",
+    }
+    return {tag: os.environ[env] for tag, env in names.items() if os.environ.get(env)}
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """Flatten nested mappings and sequences into ``a.b.c`` keys with string values (for MLflow params)."""
+    if isinstance(value, dict):
+        flat: dict[str, str] = {}
+        for key, item in value.items():
+            flat.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return flat
+    if isinstance(value, list | tuple):
+        return {prefix: ",".join(str(item) for item in value)}
+    return {prefix: str(value)}
