@@ -45,11 +45,20 @@ def _is_local_default(project: Project) -> bool:
     return not os.environ.get(TRACKING_ENV, "").strip()
 
 
-def with_retries(action: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 1.0) -> T:
-    """Run ``action``; on a connection-type failure retry with exponential backoff, then raise TrackingError."""
+ATTEMPTS_ENV = "MLOPS_TRACKING_ATTEMPTS"
+BASE_DELAY_ENV = "MLOPS_TRACKING_BASE_DELAY"
+
+
+def with_retries(action: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None) -> T:
+    """Run ``action``; on a connection-type failure retry with exponential backoff, then raise TrackingError.
+
+    Defaults: 5 attempts from 1 s (``$MLOPS_TRACKING_ATTEMPTS``, ``$MLOPS_TRACKING_BASE_DELAY``).
+    """
     import requests
     from mlflow.exceptions import MlflowException
 
+    attempts = attempts or int(os.environ.get(ATTEMPTS_ENV, "5"))
+    base_delay = base_delay if base_delay is not None else float(os.environ.get(BASE_DELAY_ENV, "1.0"))
     delay = base_delay
     for attempt in range(1, attempts + 1):
         try:
