@@ -10,11 +10,12 @@ PYTHON_VERSION := 3.11
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help setup run test lint typecheck pytest clean
+.PHONY: help setup run ui test lint typecheck pytest bench clean
 
 help:
 	@echo "make run    - run the pipeline on the built-in sample (sets itself up)"
 	@echo "make test   - ruff, mypy, then pytest (sets itself up)"
+	@echo "make ui     - Airflow UI and MLflow UI on 127.0.0.1 over the same stores"
 
 $(UV):
 	python$(PYTHON_VERSION) -m venv .tools/uv
@@ -27,10 +28,10 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 setup: $(VENV)/.synced
 
 run: setup
-	$(BIN)/mlops ingest
-	$(BIN)/mlops validate
-	$(BIN)/mlops augment
-	$(BIN)/mlops version
+	$(BIN)/python -m pipelines.local_airflow run
+
+ui: setup
+	$(BIN)/python -m pipelines.local_airflow ui
 
 lint: setup
 	$(BIN)/ruff check .

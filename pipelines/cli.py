@@ -8,9 +8,11 @@ as ``error: ...`` without a traceback and exits with status 1; usage errors exit
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pipelines.errors import PipelineError
 from pipelines.project import Project
@@ -83,9 +85,9 @@ def _train(project: Project, args: argparse.Namespace) -> None:
     result = train(
         project,
         data_version=args.data_version,
-        workers=args.workers,
+        workers=args.workers or project.config.train.workers,
         job_id=args.job_id,
-        max_restarts=args.max_restarts,
+        max_restarts=project.config.train.max_restarts if args.max_restarts is None else args.max_restarts,
     )
     print(
         f"run {result.run_id} ({result.run_name}): strategy {result.strategy}, {result.replicas} replicas, "
@@ -125,6 +127,35 @@ def _register(project: Project, args: argparse.Namespace) -> None:
         print(f"run {result.run_id}: not registered ({result.reason})")
 
 
+def _promote(project: Project, args: argparse.Namespace) -> None:
+    from pipelines.promote import promote
+
+    result = promote(project, args.version, args.reason, force=args.force)
+    _print_promotion(project, result)
+
+
+def _rollback(project: Project, args: argparse.Namespace) -> None:
+    from pipelines.promote import rollback
+
+    _print_promotion(project, rollback(project, args.reason))
+
+
+def _print_promotion(project: Project, result: Any) -> None:
+    name = project.config.registry.model_name
+    if not result.changed:
+        print(f"{name} version {result.version} is already champion: nothing changed")
+    else:
+        forced = " (forced)" if result.forced else ""
+        print(f"{name} version {result.version} is champion{forced}; it replaced {result.previous or 'no champion'}")
+
+
+def _status(project: Project, args: argparse.Namespace) -> None:
+    from pipelines.status import collect_status, format_status
+
+    status = collect_status(project)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mlops`` and its sub-commands."""
     parser = argparse.ArgumentParser(prog="mlops", description=__doc__.splitlines()[0] if __doc__ else None)
@@ -151,10 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     train = commands.add_parser("train", help="train a candidate with a tf.distribute strategy, log it to MLflow")
-    train.add_argument("--workers", type=int, default=1, help="local worker processes (MultiWorkerMirroredStrategy)")
+    train.add_argument("--workers", type=int, help="local worker processes (default: train.workers)")
     train.add_argument("--data-version", help="DVC data version to train on (default: the workspace's)")
     train.add_argument("--job-id", help="resume or reuse this training job (default: a new one)")
-    train.add_argument("--max-restarts", type=int, default=0, help="restart the worker group this often on failure")
+    train.add_argument("--max-restarts", type=int, help="restarts of the worker group (default: train.max_restarts)")
     train.set_defaults(handler=_train)
     for name, handler, text in (
         ("evaluate", _evaluate, "score the candidate and the champion on the same test split"),
@@ -166,6 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "gate":
             step.add_argument("--fail-on-reject", action="store_true", help="exit 1 when the gate fails")
         step.set_defaults(handler=handler)
+
+    promote = commands.add_parser("promote", help="make a registered version champion (checked and audited)")
+    promote.add_argument("--version", required=True, help="a version number, challenger, or previous")
+    promote.add_argument("--reason", required=True, help="why (recorded on the version and in the history)")
+    promote.add_argument("--force", action="store_true", help="promote even if its gate failed (recorded)")
+    promote.set_defaults(handler=_promote)
+    rollback = commands.add_parser("rollback", help="make the previous champion champion again")
+    rollback.add_argument("--reason", required=True)
+    rollback.set_defaults(handler=_rollback)
+    status = commands.add_parser("status", help="champion, challenger, recent runs, champion history")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_status)
 
     data = commands.add_parser("data", help="data versions: list, checkout")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -109,6 +109,8 @@ class TrainConfig(_Section):
     on_the_fly_augmentation: bool = False
     shuffle_buffer: int = Field(4096, ge=1)
     mixed_precision: Literal["auto", "off"] = "auto"
+    workers: int = Field(1, ge=1, le=64)
+    max_restarts: int = Field(1, ge=0, le=10)
 
 
 class EvaluateConfig(_Section):
@@ -135,6 +137,22 @@ class RegistryConfig(_Section):
     model_name: str = "digits-classifier"
 
 
+class PromoteConfig(_Section):
+    """Infrastructure validation a version must pass before it becomes champion."""
+
+    batch_size: int = Field(64, ge=1)
+    latency_batches: int = Field(20, ge=2)
+    p95_latency_budget_ms: float = Field(250.0, gt=0.0)
+    timeout_seconds: int = Field(300, ge=10)
+
+
+class ScheduleConfig(_Section):
+    """When the retrain DAG runs and what it does with a passing candidate."""
+
+    cron: str = "0 3 * * 1"
+    auto_promote: bool = False
+
+
 class Config(_Section):
     """The whole ``params.yaml``."""
 
@@ -147,6 +165,8 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
+    promote: PromoteConfig = PromoteConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 

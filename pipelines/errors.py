@@ -5,7 +5,13 @@ The CLI prints their message (no traceback) and exits non-zero; Airflow tasks le
 
 
 class PipelineError(Exception):
-    """A problem with input, configuration or state that the user can fix."""
+    """A problem with input, configuration or state that the user can fix.
+
+    ``retryable`` says whether running the same step again may succeed without a fix (a server that was
+    down, a crashed worker): Airflow retries those, and fails the others at once.
+    """
+
+    retryable = False
 
 
 class ConfigError(PipelineError):
@@ -22,3 +28,5 @@ class DataValidationError(PipelineError):
 
 class VersioningError(PipelineError):
     """DVC could not version, push or restore the dataset."""
+
+    retryable = True

@@ -30,6 +30,8 @@ STOP_GRACE_SECONDS = 10.0
 class LaunchError(PipelineError):
     """A training worker failed and no restart was left."""
 
+    retryable = True
+
 
 def free_ports(count: int) -> list[int]:
     """``count`` distinct TCP ports on 127.0.0.1 that are free right now."""

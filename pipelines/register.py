@@ -35,7 +35,7 @@ class RegistrationResult:
 
 
 @contextmanager
-def _registry_lock(project: Project) -> Iterator[None]:
+def registry_lock(project: Project) -> Iterator[None]:
     """Serialise check-then-create on this host, so one run never becomes two versions."""
     path = project.root / "artifacts" / "registry.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def register_candidate(project: Project, run_id: str) -> RegistrationResult:
     if gate != "passed":
         return RegistrationResult(run_id, False, None, "gate failed: the registry is unchanged")
     name = project.config.registry.model_name
-    with _registry_lock(project):
+    with registry_lock(project):
         try:
             client.get_registered_model(name)
         except MlflowException:

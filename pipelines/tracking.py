@@ -27,6 +27,8 @@ TRACKING_ENV = "MLFLOW_TRACKING_URI"
 class TrackingError(PipelineError):
     """The MLflow tracking server could not be reached or refused a request."""
 
+    retryable = True
+
 
 def mlflow_dir(project: Project) -> Path:
     """The project-local MLflow folder used when no tracking server is configured."""

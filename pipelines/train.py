@@ -302,6 +302,9 @@ class _ChiefTracker:
         signature = infer_signature(example, np.asarray(plain.predict(example, verbose=0)))
         mlflow.tensorflow.log_model(plain, name="model", signature=signature, input_example=example)
         log_training_curves(self.job_dir)
+        profile = self.project.dataset_dir / "profile.json"
+        if profile.is_file():
+            mlflow.log_artifact(str(profile), artifact_path="data")
         log_classification_artifacts(val_metrics, config.dataset.classes, prefix="val")
         samples_per_second = float(progress.samples_per_second())
         mlflow.log_metrics(

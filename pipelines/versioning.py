@@ -513,3 +513,11 @@ def _append_log(path: Path, version: DataVersion) -> None:
         handle.write(line.encode("utf-8"))
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def restore_workspace(project: Project) -> str:
+    """Put ``data/`` back to the version ``data.dvc`` records (after a failed run); return that version."""
+    version = current_version(project)
+    if version:
+        checkout_data(project, version)
+    return version

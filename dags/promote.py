@@ -1,0 +1,91 @@
+"""### Promote.
+
+Make a registered model version the **champion** (production), safely and with an audit trail.
+Triggered from the UI (a form), the CLI or the REST API; never scheduled.
+
+Params: `version` (a number, `challenger`, or `previous` to roll back), `reason` (required),
+`force` (promote even if its gate failed; recorded).
+
+Steps: **resolve** the version -> **check_gate** (refuse a failed gate unless forced) ->
+**infra_validate** (load through pyfunc in a fresh process, predict test batches, check shape, signature
+and p95 latency) -> **set_champion** (move the alias; record who, when, why and the replaced version on
+the version and in the champion history). Promoting the current champion again changes nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from pipelines.orchestration import DEFAULT_ARGS, load_project, run_step
+
+
+@dag(
+    dag_id="promote",
+    doc_md=__doc__,
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["mlops", "promotion"],
+    params={
+        "version": Param(
+            "challenger",
+            type="string",
+            pattern=r"^([0-9]+|challenger|previous)$",
+            description="model version number, challenger, or previous (rollback)",
+        ),
+        "reason": Param("", type="string", minLength=1, description="why this version should serve production"),
+        "force": Param(False, type="boolean", description="promote even if its gate failed (recorded)"),
+    },
+)
+def promote() -> None:
+    """Wire the promotion steps; each task body imports and calls one pipeline function."""
+
+    @task
+    def resolve() -> str:
+        from pipelines.promote import resolve_version
+
+        return run_step(resolve_version, load_project(), get_current_context()["params"]["version"])
+
+    @task
+    def check_gate(version: str) -> dict[str, Any]:
+        from pipelines.promote import check_gate as check
+
+        force = bool(get_current_context()["params"]["force"])
+        result = run_step(check, load_project(), version, force)
+        return {"version": result.version, "gate": result.gate, "forced": result.forced}
+
+    @task(execution_timeout=timedelta(minutes=15))
+    def infra_validate(gate: dict[str, Any]) -> dict[str, Any]:
+        from pipelines.promote import infra_validate as validate
+
+        report = run_step(validate, load_project(), gate["version"])
+        print(f"version {report.version}: p95 batch latency {report.p95_latency_ms:.1f} ms (budget {report.budget_ms})")
+        return gate
+
+    @task
+    def set_champion(gate: dict[str, Any]) -> dict[str, Any]:
+        from pipelines.orchestration import triggering_user
+        from pipelines.promote import set_champion as move_alias
+
+        context = get_current_context()
+        result = run_step(
+            move_alias,
+            load_project(),
+            gate["version"],
+            context["params"]["reason"],
+            forced=gate["forced"],
+            actor=triggering_user(context),
+        )
+        print(f"champion: version {result.version} (replaced {result.previous or 'none'}, changed {result.changed})")
+        return {"version": result.version, "previous": result.previous, "changed": result.changed}
+
+    # Task outputs are XComArgs at parse time and values at run time, hence the type ignore.
+    set_champion(infra_validate(check_gate(resolve())))  # type: ignore[arg-type]
+
+
+promote()

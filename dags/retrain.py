@@ -1,0 +1,158 @@
+"""### Retrain.
+
+Scheduled retraining of the image classifier: **ingest -> validate -> augment -> version -> train ->
+evaluate -> gate -> register** (and **auto_promote** when the `auto_promote` param is on).
+
+* Runs on the cron in `params.yaml` (`schedule.cron`, weekly by default) **or** when the
+  `incoming_images` asset is updated (new data landed).
+* Every task calls one function of the `pipelines` package and passes small values on (data version,
+  MLflow run id, model version, verdict). Images live in `data/` (versioned by DVC), models in MLflow.
+* A candidate that fails its gate fails the **gate** task with the verdict table in its log; nothing
+  is registered and the champion is untouched.
+* Bad data fails **validate** at once (no retries); the Great Expectations Data Docs report is under
+  `artifacts/validation/`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+
+from pipelines.orchestration import DEFAULT_ARGS, DVC_POOL, dag_config, load_project, run_step
+
+CONFIG = dag_config()
+INCOMING_IMAGES = Asset(name="incoming_images", uri="mlops://incoming_images")
+TRAIN_QUEUE = os.environ.get("MLOPS_TRAIN_QUEUE", "default")
+
+
+@dag(
+    dag_id="retrain",
+    doc_md=__doc__,
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(CONFIG.schedule.cron, timezone="UTC"), assets=INCOMING_IMAGES
+    ),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["mlops", "training", CONFIG.dataset.name],
+    params={
+        "source": Param(CONFIG.ingest.source, type="string", description="sample, folder:PATH or s3://bucket/prefix"),
+        "auto_promote": Param(CONFIG.schedule.auto_promote, type="boolean", description="promote if the gate passes"),
+    },
+)
+def retrain() -> None:
+    """Wire the retraining steps; each task body imports and calls one pipeline function."""
+
+    @task(pool=DVC_POOL)
+    def ingest() -> dict[str, Any]:
+        from pipelines.ingest import ingest as ingest_step
+
+        source = get_current_context()["params"]["source"]
+        result = run_step(ingest_step, load_project(), source)
+        return {"source": result.source, "images": result.images, **result.per_split}
+
+    @task(execution_timeout=timedelta(minutes=60))
+    def validate(ingested: dict[str, Any]) -> dict[str, Any]:
+        from pipelines.errors import DataValidationError
+        from pipelines.validate import format_report, validate_dataset
+        from pipelines.versioning import restore_workspace
+
+        project = load_project()
+        try:
+            report = run_step(validate_dataset, project)
+        except Exception as error:
+            if isinstance(error.__cause__, DataValidationError):
+                # The rejected data must not linger in the workspace: back to the last versioned data.
+                restored = restore_workspace(project)
+                print(f"validation failed; data/ restored to data version {restored or '(none yet)'}")
+            raise
+        print(format_report(report))
+        return {"images": report.images, "drift_checked": report.drift_checked}
+
+    @task(pool=DVC_POOL)
+    def augment(validated: dict[str, Any]) -> int:
+        from pipelines.augment import augment_dataset
+
+        return run_step(augment_dataset, load_project()).images_written
+
+    @task(pool=DVC_POOL)
+    def version(augmented: int) -> str:
+        from pipelines.ingest import last_ingest_source
+        from pipelines.versioning import version_data
+
+        project = load_project()
+        result = run_step(version_data, project, last_ingest_source(project))
+        print(f"data version {result.version} ({'new' if result.is_new else 'unchanged'}), {result.files} files")
+        return result.version
+
+    @task(queue=TRAIN_QUEUE, execution_timeout=timedelta(hours=3))
+    def train(data_version: str) -> str:
+        from pipelines.train import train as train_step
+
+        context = get_current_context()
+        project = load_project()
+        # The job id is stable across retries of this task, so a retry resumes from the checkpoint
+        # and a finished job is never trained (or logged) twice.
+        job_id = f"{context['dag'].dag_id}-{context['run_id']}"
+        result = run_step(
+            train_step,
+            project,
+            data_version=data_version,
+            workers=project.config.train.workers,
+            job_id=job_id,
+            max_restarts=project.config.train.max_restarts,
+        )
+        return result.run_id
+
+    @task
+    def evaluate(candidate_run: str) -> str:
+        from pipelines.evaluate import evaluate_candidate
+
+        result = run_step(evaluate_candidate, load_project(), candidate_run)
+        print(f"candidate accuracy {result.candidate_accuracy:.4f}; champion {result.champion_version or 'none'}")
+        return candidate_run
+
+    @task
+    def gate(candidate_run: str) -> str:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from pipelines.evaluate import gate_candidate
+
+        verdict = run_step(gate_candidate, load_project(), candidate_run)
+        print(verdict.format_table())
+        if not verdict.passed:
+            failing = ", ".join(check.name for check in verdict.failing_checks)
+            raise AirflowFailException(f"GATE FAILED ({failing}): run {candidate_run} is not registered")
+        return candidate_run
+
+    @task
+    def register(candidate_run: str) -> str:
+        from pipelines.register import register_candidate
+
+        result = run_step(register_candidate, load_project(), candidate_run)
+        print(f"run {candidate_run}: {result.reason}, version {result.version}")
+        return str(result.version)
+
+    @task
+    def auto_promote(model_version: str) -> str:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from pipelines.orchestration import triggering_user
+        from pipelines.promote import promote
+
+        context = get_current_context()
+        if not context["params"]["auto_promote"]:
+            raise AirflowSkipException("auto_promote is off: promote with the promote DAG")
+        reason = f"auto_promote by retrain run {context['run_id']}"
+        result = run_step(promote, load_project(), model_version, reason, actor=triggering_user(context))
+        return result.version
+
+    # Task outputs are XComArgs at parse time and values at run time, hence the type ignore.
+    auto_promote(register(gate(evaluate(train(version(augment(validate(ingest()))))))))  # type: ignore[arg-type]
+
+
+retrain()
