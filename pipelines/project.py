@@ -17,12 +17,18 @@ class Project:
 
     root: Path
     config: Config
+    params_file: Path | None = None
 
     @classmethod
     def load(cls, params_path: Path | None = None) -> Project:
         """Load ``params_path`` (default: ``$MLOPS_PARAMS`` or ``./params.yaml``); its folder is the root."""
-        path = Path(params_path) if params_path is not None else default_params_path()
-        return cls(root=path.resolve().parent, config=load_config(path))
+        path = (Path(params_path) if params_path is not None else default_params_path()).resolve()
+        return cls(root=path.parent, config=load_config(path), params_file=path)
+
+    @property
+    def params_path(self) -> Path:
+        """The configuration file this project was loaded from (for steps that run in a fresh process)."""
+        return self.params_file or self.root / "params.yaml"
 
     def path(self, configured: str) -> Path:
         """A configured path: absolute as given, otherwise relative to the project root."""

@@ -120,6 +120,8 @@ def champion_history(project: Project) -> list[HistoryEntry]:
 
 def champion_at(project: Project, when: datetime) -> HistoryEntry | None:
     """The history entry that made the champion serving at ``when`` (UTC), or None before the first."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
     serving = None
     for entry in champion_history(project):
         if datetime.fromisoformat(entry.at) <= when:
@@ -172,7 +174,7 @@ def infra_validate(project: Project, version: str) -> InfraReport:
 
     settings = project.config.promote
     uri = f"models:/{project.config.registry.model_name}/{version}"
-    command = [sys.executable, "-m", "pipelines.infra_check", "--params", str(project.root / "params.yaml"), uri]
+    command = [sys.executable, "-m", "pipelines.infra_check", "--params", str(project.params_path), uri]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(project)}
     try:
         completed = subprocess.run(
@@ -192,6 +194,7 @@ def set_champion(
 ) -> PromotionResult:
     """Move ``champion`` to ``version`` and record who, when, why and what it replaced (idempotent)."""
     from pipelines.register import registry_lock
+    from pipelines.tracking import with_retries
 
     if not reason.strip():
         raise PromotionError("reason: a promotion needs a reason")
@@ -214,7 +217,6 @@ def set_champion(
             forced=forced,
             action="rollback" if rollback else "promote",
         )
-        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
         audit = {
             "promoted_by": entry.by,
             "promoted_at": entry.at,
@@ -222,12 +224,21 @@ def set_champion(
             "promotion_forced": str(forced).lower(),
             "replaced_version": previous or "none",
         }
-        for key, value in audit.items():
-            client.set_model_version_tag(name, version, key, value)
-        if previous is not None:
-            client.set_model_version_tag(name, previous, "retired_at", entry.at)
-        client.set_registered_model_tag(name, f"{HISTORY_TAG_PREFIX}{entry.sequence:06d}", json.dumps(asdict(entry)))
-    _install_reference_profile(project, client, version)
+
+        def record() -> None:
+            # History first: if a later write fails, the history still tells what was attempted,
+            # and the retried task writes the same entry again (same sequence key).
+            client.set_registered_model_tag(
+                name, f"{HISTORY_TAG_PREFIX}{entry.sequence:06d}", json.dumps(asdict(entry))
+            )
+            client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+            for key, value in audit.items():
+                client.set_model_version_tag(name, version, key, value)
+            if previous is not None:
+                client.set_model_version_tag(name, previous, "retired_at", entry.at)
+
+        with_retries(record, f"make version {version} champion")
+        _install_reference_profile(project, client, version)
     return PromotionResult(version=version, previous=previous, changed=True, forced=forced)
 
 
@@ -243,7 +254,8 @@ def _install_reference_profile(project: Project, client: Any, version: str) -> N
         with tempfile.TemporaryDirectory() as folder:
             downloaded = client.download_artifacts(run_id, PROFILE_ARTIFACT, folder)
             target.parent.mkdir(parents=True, exist_ok=True)
-            staged = target.with_name(target.name + ".tmp")
+            handle, staged = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+            os.close(handle)
             shutil.copyfile(Path(downloaded), staged)
             os.replace(staged, target)
     except Exception as error:  # a model without a logged profile simply disables the drift check

@@ -118,13 +118,12 @@ def train(
         spec = {"data_version": workspace_version, "run_name": run_name, "job_id": job_id}
         _write_json_atomic(job_file, spec)
 
-    params_path = project.root / "params.yaml"
     if workers == 1:
         run_worker(project, job_dir)
     else:
         from pipelines.launcher import run_workers
 
-        run_workers(params_path, job_dir, workers, max_restarts=max_restarts)
+        run_workers(project.params_path, job_dir, workers, max_restarts=max_restarts)
     result = _read_result(job_dir)
     if result is None:
         raise TrainingError(f"{job_dir}: training ended without a result from the chief")
