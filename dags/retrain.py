@@ -26,14 +26,17 @@ from pipelines.orchestration import DEFAULT_ARGS, DVC_POOL, dag_config, load_pro
 CONFIG = dag_config()
 INCOMING_IMAGES = Asset(name="incoming_images", uri="mlops://incoming_images")
 TRAIN_QUEUE = os.environ.get("MLOPS_TRAIN_QUEUE", "default")
+SCHEDULE = (
+    AssetOrTimeSchedule(timetable=CronTriggerTimetable(CONFIG.schedule.cron, timezone="UTC"), assets=INCOMING_IMAGES)
+    if CONFIG.schedule.cron
+    else INCOMING_IMAGES
+)
 
 
 @dag(
     dag_id="retrain",
     doc_md=__doc__,
-    schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable(CONFIG.schedule.cron, timezone="UTC"), assets=INCOMING_IMAGES
-    ),
+    schedule=SCHEDULE,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,

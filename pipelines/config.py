@@ -147,9 +147,9 @@ class PromoteConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    """When the retrain DAG runs and what it does with a passing candidate."""
+    """When the retrain DAG runs (``cron: null``: only when new data lands) and what it does after the gate."""
 
-    cron: str = "0 3 * * 1"
+    cron: str | None = "0 3 * * 1"
     auto_promote: bool = False
 
 

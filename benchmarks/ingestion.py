@@ -1,0 +1,198 @@
+"""Ingest, validate and version speed on a generated folder of small PNG images, and a profile of ingest.
+
+A folder of ``N`` 32x32 grayscale PNGs in 10 class folders (``0``..``9``) is generated deterministically
+(a class-specific bar plus seeded noise, so no two images are equal). Then, in a project whose dataset
+params match (classes ``0``..``9``, ``image_size [32, 32]``, ``channels 1``, a small minimum per split):
+
+* :func:`pipelines.ingest.ingest` of ``folder:PATH``, images/s, against a plain loop doing the least the
+  same result needs (read, decode, re-encode PNG, sha256, write);
+* :func:`pipelines.validate.validate_dataset`, images/s, against a plain loop doing the least per image
+  (read, sha256, decode);
+* :func:`pipelines.versioning.version_data` (``dvc add`` + ``dvc push``), seconds;
+* a second ingest under :mod:`cProfile`; the top functions go to ``benchmarks/profile-ingest.txt``.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import hashlib
+import io
+import pstats
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from benchmarks.common import REPO_ROOT, Context, Outcome, Row, fmt, log, ratio, write_params
+
+CLASSES = [str(digit) for digit in range(10)]
+SIZE = 32
+PROFILE_FILE = "profile-ingest.txt"
+PROFILE_TOP = 15
+
+T = TypeVar("T")
+
+
+def generate_images(folder: Path, count: int, seed: int = 0) -> int:
+    """Write ``count`` distinct 32x32 grayscale PNGs, round-robin over 10 class folders; return the count."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in CLASSES:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        label = index % len(CLASSES)
+        pixels = rng.integers(0, 64, size=(SIZE, SIZE), dtype=np.uint8)
+        pixels[:, 3 * label : 3 * label + 3] += 160
+        pixels[3 * label : 3 * label + 3, :] += 80
+        Image.fromarray(pixels, mode="L").save(folder / CLASSES[label] / f"{index:06d}.png")
+    return count
+
+
+def plain_ingest(source: Path, target: Path) -> int:
+    """The least work ingest's output needs: read, decode, re-encode as PNG, sha256, write. Returns images."""
+    from PIL import Image
+
+    for label in CLASSES:
+        (target / label).mkdir(parents=True, exist_ok=True)
+    count = 0
+    for path in sorted(source.glob("*/*.png")):
+        with Image.open(io.BytesIO(path.read_bytes())) as image:
+            image.load()
+            pixels = image.convert("L")
+        buffer = io.BytesIO()
+        pixels.save(buffer, format="PNG")
+        data = buffer.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        (target / path.parent.name / f"{digest[:16]}.png").write_bytes(data)
+        count += 1
+    return count
+
+
+def plain_validate(dataset_dir: Path) -> int:
+    """The least per-image work validation needs: read, sha256, decode. Returns images."""
+    from PIL import Image
+
+    count = 0
+    for path in sorted(dataset_dir.glob("images/*/*.png")):
+        data = path.read_bytes()
+        hashlib.sha256(data).hexdigest()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+        count += 1
+    return count
+
+
+def _timed(label: str, action: Callable[[], T]) -> tuple[T, float]:
+    log(f"  {label}")
+    started = time.perf_counter()
+    result = action()
+    return result, time.perf_counter() - started
+
+
+def write_profile(profiler: cProfile.Profile, path: Path, header: str) -> str:
+    """Write the top functions by cumulative time (and by own time) to ``path``; return the text."""
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    stream.write(f"== top {PROFILE_TOP} functions by cumulative time ==\n")
+    stats.sort_stats(pstats.SortKey.CUMULATIVE).print_stats(PROFILE_TOP)
+    stream.write(f"\n== top {PROFILE_TOP} functions by own time (tottime) ==\n")
+    stats.sort_stats(pstats.SortKey.TIME).print_stats(PROFILE_TOP)
+    text = stream.getvalue()
+    site = next((entry for entry in sys.path if entry.endswith("site-packages")), "")
+    if site:
+        text = text.replace(site + "/", "site-packages/")
+    text = text.replace(str(REPO_ROOT) + "/", "")
+    path.write_text(header + "\n" + text, encoding="utf-8")
+    return text
+
+
+def bench_ingest(ctx: Context) -> Outcome:
+    """Images/s of ingest and validate on generated PNGs (vs plain loops), version time, an ingest profile."""
+    from pipelines.ingest import ingest
+    from pipelines.project import Project
+    from pipelines.validate import validate_dataset
+    from pipelines.versioning import version_data
+
+    root = ctx.folder("ingest")
+    count = ctx.sizes.ingest_images
+    source = root / "source"
+    _, generate_seconds = _timed(f"generating {count} PNG images", lambda: generate_images(source, count))
+    overrides: dict[str, dict[str, Any]] = {
+        "dataset": {"name": "generated", "classes": CLASSES, "image_size": [SIZE, SIZE], "channels": 1},
+        "validate": {"min_images_per_class_per_split": 1},
+    }
+    project = Project.load(write_params(root / "project", overrides))
+    source_spec = f"folder:{source}"
+
+    result, ingest_seconds = _timed("pipelines.ingest.ingest", lambda: ingest(project, source_spec))
+    images = result.images
+    _, plain_ingest_seconds = _timed("plain ingest loop", lambda: plain_ingest(source, root / "plain-ingest"))
+    _, validate_seconds = _timed("pipelines.validate.validate_dataset", lambda: validate_dataset(project))
+    _, plain_validate_seconds = _timed("plain validate loop", lambda: plain_validate(project.dataset_dir))
+    version, version_seconds = _timed("pipelines.versioning.version_data", lambda: version_data(project, source_spec))
+
+    log("  pipelines.ingest.ingest again, under cProfile")
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    ingest(project, source_spec)
+    profiler.disable()
+    profiled_seconds = time.perf_counter() - started
+    profile_path = ctx.out_dir / PROFILE_FILE
+    header = (
+        f"cProfile of pipelines.ingest.ingest(project, 'folder:...') on {count} generated {SIZE}x{SIZE} grayscale "
+        f"PNGs in 10 class folders\n"
+        f"wall {ingest_seconds:.2f} s unprofiled, {profiled_seconds:.2f} s under cProfile; "
+        f"written by `python -m benchmarks.run --only ingest`\n"
+    )
+    write_profile(profiler, profile_path, header)
+
+    def per_second(seconds: float) -> float:
+        return images / seconds if seconds > 0 else 0.0
+
+    ingest_rate, plain_ingest_rate = per_second(ingest_seconds), per_second(plain_ingest_seconds)
+    validate_rate, plain_validate_rate = per_second(validate_seconds), per_second(plain_validate_seconds)
+    files, size = version.files, version.bytes
+    rows = [
+        Row(
+            "ingest",
+            "images/s: ingest folder:PATH vs plain decode/encode/hash/write loop",
+            fmt(ingest_rate, 0),
+            fmt(plain_ingest_rate, 0),
+            fmt(ratio(ingest_rate, plain_ingest_rate)),
+            f"{images} images in {ingest_seconds:.1f} s; profile in benchmarks/{PROFILE_FILE}",
+        ),
+        Row(
+            "ingest",
+            "images/s: validate_dataset (Great Expectations) vs plain read/hash/decode loop",
+            fmt(validate_rate, 0),
+            fmt(plain_validate_rate, 0),
+            fmt(ratio(validate_rate, plain_validate_rate)),
+            f"{validate_seconds:.1f} s",
+        ),
+        Row(
+            "ingest",
+            "s: version_data (dvc add + push)",
+            fmt(version_seconds, 1),
+            note=f"{files} files, {size / 1e6:.1f} MB",
+        ),
+    ]
+    data = {
+        "images": images,
+        "generate_seconds": generate_seconds,
+        "ingest_seconds": ingest_seconds,
+        "ingest_images_per_second": ingest_rate,
+        "plain_ingest_images_per_second": plain_ingest_rate,
+        "validate_seconds": validate_seconds,
+        "validate_images_per_second": validate_rate,
+        "plain_validate_images_per_second": plain_validate_rate,
+        "version_seconds": version_seconds,
+        "version_files": files,
+        "version_bytes": size,
+        "profiled_ingest_seconds": profiled_seconds,
+        "profile_file": str(profile_path),
+    }
+    return Outcome(rows, data)
