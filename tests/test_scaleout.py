@@ -76,7 +76,8 @@ def databases() -> Iterator[dict[str, str]]:
         with connection.cursor() as cursor:
             for name in names.values():
                 cursor.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
                     (name,),
                 )
                 cursor.execute(f"DROP DATABASE IF EXISTS {name}")
@@ -85,7 +86,7 @@ def databases() -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1 with the artifact and DVC buckets."""
+    """The moto S3 server on 127.0.0.1 with the artifact and DVC buckets."""
     import boto3
     from moto.server import ThreadedMotoServer
 
