@@ -10,12 +10,14 @@ PYTHON_VERSION := 3.11
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help setup run ui test lint typecheck pytest bench clean
+.PHONY: help setup run ui test test-faults lint typecheck pytest bench clean
 
 help:
 	@echo "make run    - run the pipeline on the built-in sample (sets itself up)"
 	@echo "make test   - ruff, mypy, then pytest (sets itself up)"
 	@echo "make ui     - Airflow UI and MLflow UI on 127.0.0.1 over the same stores"
+	@echo "make bench  - benchmarks (ratios against plain baselines), written to benchmarks/results.md"
+	@echo "make test-faults - the slow fault-injection tests"
 
 $(UV):
 	python$(PYTHON_VERSION) -m venv .tools/uv
@@ -41,7 +43,14 @@ typecheck: setup
 	$(BIN)/mypy
 
 pytest: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not faults"
+
+# Slow fault-injection tests (Airflow services, MLflow outage, interrupted DVC push); CI runs them too.
+test-faults: setup
+	$(BIN)/pytest -m faults
+
+bench: setup
+	$(BIN)/python -m benchmarks.run
 
 test: lint typecheck pytest
 

@@ -85,6 +85,7 @@ def machine_info() -> dict[str, Any]:
         "tf_version": versions["tensorflow"],
         "packages": versions,
         "gpu_tool": shutil.which("nvidia-smi"),
+        "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
     }
 
 
@@ -100,7 +101,8 @@ def markdown(rows: list[Row], machine: dict[str, Any], started: str, quick: bool
         "",
         f"{started} UTC, {mode}, {seconds / 60:.1f} min. Machine: {machine['cores']} cores "
         f"({machine['cpu_model'] or 'unknown CPU'}), {machine['memory_gb']} GB, Python {machine['python']}, "
-        f"TensorFlow {machine['tf_version']}. Ratio = value / baseline.",
+        f"TensorFlow {machine['tf_version']}; 1-minute load average at start "
+        f"{machine['load_average_at_start'][0]:.1f}. Ratio = value / baseline.",
         "",
         "| benchmark | measure | value | baseline | ratio | note |",
         "| --- | --- | ---: | ---: | ---: | --- |",
@@ -140,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
     started = time.monotonic()
     machine = machine_info()
+    load = os.getloadavg()[0]
+    if load > 0.5 * (machine["cores_available"] or 1):
+        log(f"warning: load average {load:.1f} on {machine['cores_available']} CPUs: other processes disturb timings")
     log(f"benchmarks {', '.join(names)} ({'quick' if args.quick else 'full'}); temporary projects in {tmp}")
     registry = _benchmarks()
     results: dict[str, Any] = {}
@@ -147,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in names:
         run, description = registry[name]
-        log(f"{name}: {description}")
+        load_before = os.getloadavg()
+        log(f"{name}: {description} (load average {load_before[0]:.1f})")
         begun = time.monotonic()
         try:
             outcome = run(ctx)
@@ -161,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = {"status": "ok", **outcome.as_json()}
             rows.extend(outcome.rows)
         results[name]["seconds"] = time.monotonic() - begun
+        results[name]["load_average_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
         log(f"{name}: done in {results[name]['seconds']:.0f} s")
 
     total = time.monotonic() - started

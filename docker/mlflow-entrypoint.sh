@@ -1,7 +1,7 @@
 #!/bin/sh
 # Entry point of the MLflow tracking server image (mlflow.Dockerfile); everything comes from the
 # environment (docker/compose.yaml, secrets from docker/.env):
-#   MLFLOW_BACKEND_STORE_URI      runs, experiments, models: postgresql://mlflow:...@postgres:5432/mlflow
+#   MLFLOW_BACKEND_STORE_URI      runs, experiments, models: postgresql+psycopg2://mlflow:...@postgres/mlflow
 #                                 (read by `mlflow server` from the environment, so the password is not
 #                                 on the command line)
 #   MLFLOW_ARTIFACTS_DESTINATION  where the server stores artifacts: s3://mlflow-artifacts (clients
@@ -13,7 +13,7 @@
 # Extra arguments are passed on to `mlflow server`.
 set -eu
 
-: "${MLFLOW_BACKEND_STORE_URI:?MLFLOW_BACKEND_STORE_URI is not set (postgresql://user:password@host:5432/db)}"
+: "${MLFLOW_BACKEND_STORE_URI:?MLFLOW_BACKEND_STORE_URI is not set (postgresql+psycopg2://user:password@host:5432/db)}"
 : "${MLFLOW_ARTIFACTS_DESTINATION:?MLFLOW_ARTIFACTS_DESTINATION is not set (s3://bucket)}"
 
 # Where the image keeps it (tests/test_docker.py points this at the repository's copy).

@@ -21,6 +21,10 @@ HOST="${MLFLOW_HOST:-127.0.0.1}"
 PORT="${MLFLOW_PORT:-5000}"
 WORKERS="${MLFLOW_WORKERS:-2}"
 MLFLOW_BIN="${MLFLOW_BIN:-mlflow}"
+# The Python that renders the auth config: the one next to the mlflow executable when there is one.
+if [[ -z "${MLFLOW_PYTHON:-}" && -x "$(dirname "$(command -v "$MLFLOW_BIN")")/python" ]]; then
+    MLFLOW_PYTHON="$(dirname "$(command -v "$MLFLOW_BIN")")/python"
+fi
 
 args=(server
     --backend-store-uri "$MLFLOW_BACKEND_STORE_URI"
@@ -35,11 +39,19 @@ if [[ "${MLFLOW_AUTH:-}" == "basic" ]]; then
     config="$(mktemp -t mlflow-auth-XXXXXX.ini)"
     chmod 600 "$config"
     trap 'rm -f "$config"' EXIT
-    # Rendered from the environment at start, so the password never lands in the repository.
-    sed -e "s|@ADMIN_USERNAME@|${MLFLOW_ADMIN_USERNAME}|" \
-        -e "s|@ADMIN_PASSWORD@|${MLFLOW_ADMIN_PASSWORD}|" \
-        -e "s|@DATABASE_URI@|${MLFLOW_AUTH_DATABASE_URI:-$MLFLOW_BACKEND_STORE_URI}|" \
-        "$(dirname "$0")/basic_auth.ini.template" > "$config"
+    # Rendered from the environment at start, so the password never lands in the repository
+    # (plain string replacement: any character is safe in the values).
+    "${MLFLOW_PYTHON:-python3}" - "$(dirname "$0")/basic_auth.ini.template" "$config" <<'PY'
+import os, sys
+text = open(sys.argv[1], encoding="utf-8").read()
+for placeholder, value in (
+    ("@ADMIN_USERNAME@", os.environ["MLFLOW_ADMIN_USERNAME"]),
+    ("@ADMIN_PASSWORD@", os.environ["MLFLOW_ADMIN_PASSWORD"]),
+    ("@DATABASE_URI@", os.environ.get("MLFLOW_AUTH_DATABASE_URI") or os.environ["MLFLOW_BACKEND_STORE_URI"]),
+):
+    text = text.replace(placeholder, value)
+open(sys.argv[2], "w", encoding="utf-8").write(text)
+PY
     export MLFLOW_AUTH_CONFIG_PATH="$config"
     args+=(--app-name basic-auth)
 fi

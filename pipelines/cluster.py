@@ -50,6 +50,7 @@ class ClusterSettings:
     api_port: int = 8080
     log_server_ports: tuple[int, int] = (8793, 8794)
     train_queue: str = "gpu"
+    executor: str = "CeleryExecutor"
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -80,7 +81,7 @@ def cluster_env(settings: ClusterSettings) -> dict[str, str]:
             "AIRFLOW_HOME": str(settings.airflow_home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CORE__EXECUTOR": settings.executor,
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": settings.sql_alchemy_conn,
             "AIRFLOW__CELERY__BROKER_URL": settings.broker_url,
@@ -91,7 +92,7 @@ def cluster_env(settings: ClusterSettings) -> dict[str, str]:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
             "MLOPS_PARAMS": str(settings.params_path),
-            "MLOPS_TRAIN_QUEUE": settings.train_queue,
+            "MLOPS_TRAIN_QUEUE": settings.train_queue if settings.executor == "CeleryExecutor" else "default",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "PYTHONWARNINGS": "ignore",
         }
@@ -146,7 +147,7 @@ def initialise(settings: ClusterSettings) -> None:
 
 
 def start(settings: ClusterSettings) -> Cluster:
-    """Start the API server, scheduler, DAG processor, triggerer and the two Celery workers."""
+    """Start the API server, scheduler, DAG processor, triggerer and (with Celery) the two workers."""
     env = cluster_env(settings)
     log_dir = settings.airflow_home / "logs" / "services"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +166,8 @@ def start(settings: ClusterSettings) -> Cluster:
             {"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(gpu_port)},
         ),
     }
+    if settings.executor != "CeleryExecutor":
+        services = {name: spec for name, spec in services.items() if not name.startswith("worker-")}
     cluster = Cluster(settings)
     try:
         for name, (args, extra) in services.items():

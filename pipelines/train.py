@@ -157,6 +157,8 @@ def run_worker(project: Project, job_dir: Path) -> None:
     config = project.config
     spec = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
     plan = current_plan(config.train.mixed_precision)
+    # Operators (and the fault-injection tests) find a worker's process here.
+    (job_dir / f"worker-{plan.worker_index}.pid").write_text(f"{os.getpid()}\n", encoding="utf-8")
     strategy = build_strategy(plan)
     tf_keras.utils.set_random_seed(config.train.seed)
 

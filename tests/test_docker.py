@@ -297,9 +297,7 @@ def script_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """A minimal environment for running an entry point: a ``python`` that is this interpreter."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    python = bin_dir / "python"
-    if not python.exists():
-        python.symlink_to(sys.executable)
+    fake_program(bin_dir, "python", f'exec "{sys.executable}" "$@"')
     return {"PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": str(tmp_path), **extra}
 
 
@@ -409,6 +407,16 @@ def test_images_are_pinned() -> None:
         assert "$" not in tag, f"{name}: image {image!r}: write the pinned tag, not a variable"
 
 
+def test_builds_use_the_repository_root_and_existing_dockerfiles() -> None:
+    built = {name: service["build"] for name, service in services().items() if "build" in service}
+    assert {build["dockerfile"] for build in built.values()} == {f"docker/{name}" for name in DOCKERFILES}, (
+        f"every Dockerfile is built by some service: {built}"
+    )
+    for name, build in built.items():
+        assert build["context"] == "..", f"{name}: the build context is the repository root (.. from docker/)"
+        assert (DOCKER / build["context"] / build["dockerfile"]).is_file(), f"{name}: {build['dockerfile']} is missing"
+
+
 def test_published_ports_bind_to_bind_address() -> None:
     for name, service in services().items():
         for port in service.get("ports") or []:
@@ -442,6 +450,14 @@ def test_urls_carry_no_literal_credentials() -> None:
             )
 
 
+def test_postgresql_urls_name_the_installed_driver() -> None:
+    # SQLAlchemy 2.1 (uv.lock) maps a bare postgresql:// to psycopg 3, which the lock does not install.
+    urls = [text for text in strings(compose()) if re.match(r"(db\+)?postgres(ql)?(\+\w+)?://", text)]
+    assert len(urls) >= 3, f"expected Airflow's, Celery's and MLflow's database URLs, found {urls}"
+    for url in urls:
+        assert re.match(r"(db\+)?postgresql\+psycopg2://", url), f"name the psycopg2 driver explicitly: {url}"
+
+
 def test_no_secret_has_a_default_value() -> None:
     for text in strings(compose()):
         for name, op in references(text):
@@ -471,13 +487,13 @@ def test_env_example_secrets_are_placeholders() -> None:
 
 
 def test_compose_refuses_to_start_without_a_secret() -> None:
-    env = dict(env_example())
-    del env["POSTGRES_PASSWORD"]
-    with pytest.raises(InterpolationError, match="POSTGRES_PASSWORD"):
-        interpolate_document(compose(), env)
-    env["POSTGRES_PASSWORD"] = ""
-    with pytest.raises(InterpolationError, match="POSTGRES_PASSWORD"):
-        interpolate_document(compose(), env)
+    required = {name for text in strings(compose()) for name, op in references(text) if op == ":?"}
+    secrets = {name for name in env_example() if SECRET_LIKE.search(name)}
+    assert secrets <= required, f"secrets compose does not require: {sorted(secrets - required)}"
+    for name in sorted(required):
+        for env in ({k: v for k, v in env_example().items() if k != name}, {**env_example(), name: ""}):
+            with pytest.raises(InterpolationError, match=name):
+                interpolate_document(compose(), env)
 
 
 def test_bootstrap_refuses_env_example_placeholders() -> None:
@@ -518,7 +534,7 @@ def test_airflow_services_share_the_common_settings() -> None:
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", "the executor should be CeleryExecutor"
     assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://:${REDIS_PASSWORD:?"), "broker: Redis"
     assert env["AIRFLOW__CELERY__BROKER_URL"].endswith("@redis:6379/0"), "broker: redis://redis:6379/0"
-    assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql://airflow:"), "results in PostgreSQL"
+    assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg2://airflow:"), "results: PostgreSQL"
     assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@postgres:5432/airflow"), "metadata DB: airflow"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/", (
         "workers reach the task execution API on the API server"
@@ -550,7 +566,7 @@ def test_airflow_init_migrates_and_creates_the_dvc_pool() -> None:
 
 def test_mlflow_service_settings() -> None:
     env = environment(services()["mlflow"])
-    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://mlflow:"), "MLflow's backend is PostgreSQL"
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://mlflow:"), "MLflow's backend: PostgreSQL"
     assert env["MLFLOW_BACKEND_STORE_URI"].endswith("@postgres:5432/mlflow"), "MLflow's database is mlflow"
     assert env["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://mlflow-artifacts", "artifacts go to s3://mlflow-artifacts"
     assert env["MLFLOW_AUTH"] == "${MLFLOW_AUTH:-basic}", "basic auth is on unless .env says otherwise"
@@ -710,6 +726,19 @@ def test_copied_files_exist_and_are_in_the_build_context(name: str) -> None:
         assert not dockerignore_includes(ignore_file, excluded), f"{name}: {excluded} should stay out of the context"
 
 
+def test_readme_explains_bring_up_and_validation_status() -> None:
+    readme = (DOCKER / "README.md").read_text(encoding="utf-8")
+    for text in (
+        "cp docker/.env.example docker/.env",
+        "docker compose -f docker/compose.yaml --env-file docker/.env up -d --build",
+        "validated **structurally only**",
+        "nvidia-ctk",
+        "/api/v2/dags/promote/dagRuns",
+        "remote: s3://mlops-data/dvc",
+    ):
+        assert text in readme, f"docker/README.md should contain {text!r}"
+
+
 # -------------------------------------------------------------------------------- scripts they run
 
 
@@ -791,7 +820,7 @@ def test_airflow_entrypoint_prepares_the_container_and_hands_over(tmp_path: Path
 
 @pytest.mark.parametrize("auth", ["basic", "none"])
 def test_mlflow_entrypoint_builds_the_server_command(tmp_path: Path, auth: str) -> None:
-    backend = "postgresql://mlflow:p%40ss@postgres:5432/mlflow"
+    backend = "postgresql+psycopg2://mlflow:p%40ss@postgres:5432/mlflow"
     env = script_env(
         tmp_path,
         MLOPS_BOOTSTRAP=str(DOCKER / "bootstrap.py"),
@@ -836,7 +865,7 @@ def test_mlflow_entrypoint_refuses_bad_settings(tmp_path: Path) -> None:
     base = script_env(
         tmp_path,
         MLOPS_BOOTSTRAP=str(DOCKER / "bootstrap.py"),
-        MLFLOW_BACKEND_STORE_URI="postgresql://mlflow:x@postgres/mlflow",
+        MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://mlflow:x@postgres/mlflow",
         MLFLOW_ARTIFACTS_DESTINATION="s3://mlflow-artifacts",
     )
     fake_program(tmp_path / "bin", "mlflow", 'echo "mlflow $*"')

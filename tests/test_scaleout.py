@@ -8,12 +8,9 @@ server on 127.0.0.1 (no MinIO here). Runs are triggered through the Airflow REST
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,65 +20,21 @@ from typing import Any
 import pytest
 
 from pipelines.project import Project
+from tests.cluster_support import PG, Api, free_port, postgres_databases, wait_http
 from tests.conftest import write_params
 from tests.test_ingest import make_source
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-PG = "postgres@127.0.0.1:5432"
 REDIS_DB = 7
-RUN_TIMEOUT = 1200.0
-
-
-def free_port() -> int:
-    with socket.socket() as handle:
-        handle.bind(("127.0.0.1", 0))
-        return int(handle.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float, what: str, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"{what} exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status < 500:
-                    return
-        except urllib.error.HTTPError as error:
-            if error.code < 500:
-                return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"{what} did not answer on {url} within {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
 def databases() -> Iterator[dict[str, str]]:
     """Two fresh PostgreSQL databases (Airflow metadata, MLflow backend), dropped afterwards."""
-    import psycopg2
-
-    suffix = secrets.token_hex(4)
-    names = {"airflow": f"mlops_it_airflow_{suffix}", "mlflow": f"mlops_it_mlflow_{suffix}"}
-    connection = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        for name in names.values():
-            cursor.execute(f"CREATE DATABASE {name}")
-    try:
+    with postgres_databases("airflow", "mlflow") as names:
         yield names
-    finally:
-        with connection.cursor() as cursor:
-            for name in names.values():
-                cursor.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()",
-                    (name,),
-                )
-                cursor.execute(f"DROP DATABASE IF EXISTS {name}")
-        connection.close()
 
 
 @pytest.fixture(scope="module")
@@ -204,50 +157,6 @@ def cluster(
         yield running, Project.load(params), make_source(base / "source", per_class=30)
     finally:
         running.stop()
-
-
-class Api:
-    """A small client of the Airflow REST API with a bearer token from the simple auth manager."""
-
-    def __init__(self, base_url: str, airflow_home: Path) -> None:
-        self.base_url = base_url
-        passwords = json.loads((airflow_home / "simple_auth_manager_passwords.json.generated").read_text())
-        reply = self.request("POST", "/auth/token", {"username": "admin", "password": passwords["admin"]}, auth=False)
-        self.token = str(reply["access_token"])
-
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None, auth: bool = True) -> Any:
-        headers = {"Content-Type": "application/json"}
-        if auth:
-            headers["Authorization"] = f"Bearer {self.token}"
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read() or b"null")
-
-    def wait_for_dag(self, dag_id: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.request("GET", f"/api/v2/dags/{dag_id}")
-                return
-            except urllib.error.HTTPError:
-                time.sleep(3)
-        raise AssertionError(f"DAG {dag_id} was not parsed within {timeout:.0f} s")
-
-    def run(self, dag_id: str, conf: dict[str, Any]) -> tuple[str, dict[str, dict[str, Any]]]:
-        """Trigger a run, wait for it to finish; return its state and its task instances by task id."""
-        self.wait_for_dag(dag_id)
-        created = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
-        run_id = created["dag_run_id"]
-        deadline = time.monotonic() + RUN_TIMEOUT
-        state = created["state"]
-        while time.monotonic() < deadline:
-            state = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
-            if state in ("success", "failed"):
-                break
-            time.sleep(5)
-        instances = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
-        return state, {item["task_id"]: item for item in instances}
 
 
 def test_retrain_and_promote_on_postgres_celery_mlflow_server_and_s3(

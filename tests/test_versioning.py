@@ -187,12 +187,24 @@ def test_dvc_lock_held_elsewhere_is_waited_for(
     project, first, _ = versioned
     (project.dataset_dir / "late.txt").write_text("arrived later\n", encoding="utf-8")
     held = zc.lockfile.LockFile(str(project.root / ".dvc" / "tmp" / "lock"))
-    timer = threading.Timer(4.0, held.close)  # longer than DVC's own 3 s wait
+
+    class ReleaseOnRetry(logging.Handler):
+        """Free DVC's lock once the step has met it and said it will retry: no timing assumption."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "DVC's lock is taken" in record.getMessage():
+                held.close()
+
+    release = ReleaseOnRetry()
+    logger = logging.getLogger("pipelines.versioning")
+    logger.addHandler(release)
+    timer = threading.Timer(300.0, held.close)  # a safety net only: the handler releases it first
     timer.start()
     try:
         with caplog.at_level(logging.INFO, logger="pipelines.versioning"):
             second = version_data(project, source="late")
     finally:
+        logger.removeHandler(release)
         timer.cancel()
         held.close()
     assert second.is_new, f"the run completes once DVC's lock is free: {second}"
