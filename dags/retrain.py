@@ -26,6 +26,7 @@ from pipelines.orchestration import DEFAULT_ARGS, DVC_POOL, dag_config, load_pro
 CONFIG = dag_config()
 INCOMING_IMAGES = Asset(name="incoming_images", uri="mlops://incoming_images")
 TRAIN_QUEUE = os.environ.get("MLOPS_TRAIN_QUEUE", "default")
+TRAIN_BACKEND = os.environ.get("MLOPS_TRAIN_BACKEND", "local")  # local: launcher on this host; kubernetes
 SCHEDULE = (
     AssetOrTimeSchedule(timetable=CronTriggerTimetable(CONFIG.schedule.cron, timezone="UTC"), assets=INCOMING_IMAGES)
     if CONFIG.schedule.cron
@@ -101,6 +102,10 @@ def retrain() -> None:
         # The job id is stable across retries of this task, so a retry resumes from the checkpoint
         # and a finished job is never trained (or logged) twice.
         job_id = f"{context['dag'].dag_id}-{context['run_id']}"
+        if TRAIN_BACKEND == "kubernetes":
+            from pipelines.k8s_job import train_on_kubernetes
+
+            return run_step(train_on_kubernetes, project, job_id, context["ti"].try_number)
         result = run_step(
             train_step,
             project,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import importlib
 import json
 import os
@@ -49,12 +50,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import yaml
 
 from pipelines.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipelines.project import Project
 
 TEMPLATE = "templates/tfjob-indexed.yaml"
 WORKSPACE = PurePosixPath("/workspace")
@@ -748,7 +752,7 @@ def prepare_job_file(job_dir: Path, params_path: Path, job_name: str, index: int
     spec = {
         "data_version": version,
         "run_name": f"{project.config.dataset.name}-{version[:8]}-{now:%Y%m%d-%H%M%S}",
-        "job_id": job_name,
+        "job_id": job_dir.name,
     }
     job_dir.mkdir(parents=True, exist_ok=True)
     staged = job_dir / f".{JOB_FILE}.{os.getpid()}.tmp"
@@ -873,6 +877,59 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--cluster-domain", default="cluster.local")
     worker.add_argument("--job-file-wait", type=float, default=600.0, help="seconds to wait for the chief's job.json")
     return parser
+
+
+K8S_ENV_PREFIX = "MLOPS_K8S_"
+
+
+def spec_from_environment(
+    project: Project, job_id: str, try_number: int, environ: Mapping[str, str]
+) -> TrainingJobSpec:
+    """The job spec of an Airflow train task, from ``MLOPS_K8S_*`` settings and ``train.workers``.
+
+    ``MLOPS_K8S_IMAGE``, ``MLOPS_K8S_NAMESPACE``, ``MLOPS_K8S_PVC``, ``MLOPS_K8S_SECRET`` and
+    ``MLOPS_K8S_TRACKING_URI`` are required; ``MLOPS_K8S_PROJECT_DIR`` (default ``/workspace/project``)
+    is where the pods see the project, ``MLOPS_K8S_GPUS_PER_WORKER`` defaults to 1. Each try of the task
+    gets its own Job name and the same job folder, so a retry resumes from the checkpoints.
+    """
+    required = ("IMAGE", "NAMESPACE", "PVC", "SECRET", "TRACKING_URI")
+    missing = [name for name in required if not environ.get(K8S_ENV_PREFIX + name)]
+    if missing:
+        raise PipelineError(f"training on Kubernetes needs {', '.join(K8S_ENV_PREFIX + name for name in missing)}")
+    from pipelines.train import job_dir_for
+
+    project_dir = PurePosixPath(environ.get(K8S_ENV_PREFIX + "PROJECT_DIR", str(WORKSPACE / "project")))
+    digest = hashlib.sha256(job_id.encode()).hexdigest()[:10]
+    folder = job_dir_for(project, job_id).name
+    return TrainingJobSpec(
+        name=f"train-{digest}-{try_number}",
+        namespace=environ[K8S_ENV_PREFIX + "NAMESPACE"],
+        image=environ[K8S_ENV_PREFIX + "IMAGE"],
+        workers=project.config.train.workers,
+        gpus_per_worker=int(environ.get(K8S_ENV_PREFIX + "GPUS_PER_WORKER", "1")),
+        params_path=str(project_dir / "params.yaml"),
+        job_dir=str(project_dir / "artifacts" / "training" / folder),
+        pvc_name=environ[K8S_ENV_PREFIX + "PVC"],
+        tracking_uri=environ[K8S_ENV_PREFIX + "TRACKING_URI"],
+        secret_name=environ[K8S_ENV_PREFIX + "SECRET"],
+        max_restarts=project.config.train.max_restarts,
+    )
+
+
+def train_on_kubernetes(project: Project, job_id: str, try_number: int, timeout_s: float = 3 * 3600) -> str:
+    """Run the training job on Kubernetes, wait for it, and return the MLflow run id its chief logged."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import connect
+
+    spec = spec_from_environment(project, job_id, try_number, os.environ)
+    submit_and_wait(render_training_job(spec), spec.namespace, timeout_s, 15.0)
+    folder = PurePosixPath(spec.job_dir).name
+    experiment_id = connect(project)
+    runs = MlflowClient().search_runs([experiment_id], filter_string=f"tags.training_job = '{folder}'", max_results=1)
+    if not runs:
+        raise PipelineError(f"Kubernetes job {spec.name} finished but no MLflow run is tagged training_job={folder}")
+    return str(runs[0].info.run_id)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,27 @@ def tf_configs(ports: list[int]) -> list[str]:
     return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}) for index in range(len(ports))]
 
 
+def visible_gpus(environ: dict[str, str] | None = None) -> list[str]:
+    """The GPUs of this host that workers may use: ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``."""
+    environ = dict(os.environ) if environ is None else environ
+    configured = environ.get("CUDA_VISIBLE_DEVICES")
+    if configured is not None:
+        return [item.strip() for item in configured.split(",") if item.strip() and item.strip() != "-1"]
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(index) for index, line in enumerate(listed.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def gpu_assignments(workers: int, gpus: list[str]) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` of each worker: the host's GPUs split evenly, or None (leave as is)."""
+    if not gpus or len(gpus) < workers:
+        return [None] * workers
+    share = len(gpus) // workers
+    return [",".join(gpus[index * share : (index + 1) * share]) for index in range(workers)]
+
+
 def _stream(prefix: str, pipe: IO[str], tail: deque[str]) -> None:
     for line in pipe:
         tail.append(line.rstrip("\n"))
@@ -84,6 +105,8 @@ def run_workers(
     """
     ports = free_ports(workers)
     configs = tf_configs(ports)
+    # On a GPU host each worker gets its own GPUs (one process per GPU group, NCCL between them).
+    devices = gpu_assignments(workers, visible_gpus())
     command = [sys.executable, "-m", "pipelines.train", "--params", str(params_path), "--job-dir", str(job_dir)]
     for attempt in range(max_restarts + 1):
         if attempt:
@@ -95,6 +118,8 @@ def run_workers(
             for index, tf_config in enumerate(configs):
                 env = {**os.environ, **(extra_env or {}), "TF_CONFIG": tf_config, "TF_USE_LEGACY_KERAS": "1"}
                 env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+                if devices[index] is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = str(devices[index])
                 env["PYTHONUNBUFFERED"] = "1"
                 process = subprocess.Popen(
                     command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1

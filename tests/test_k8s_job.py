@@ -566,7 +566,7 @@ def test_chief_pod_writes_job_file_and_trains_with_its_tf_config(
     plan = plan_strategy(trained[0]["tf_config"], gpus=0)
     assert (plan.is_chief, plan.num_workers) == (True, 3), f"index 0 trains as the chief of 3: {plan}"
     assert trained[0]["job"]["data_version"] == "ab" * 16, "job.json pins the project's data version"
-    assert trained[0]["job"]["job_id"] == "j", "job.json names the Kubernetes Job"
+    assert trained[0]["job"]["job_id"] == "job", "job.json names the training job by its folder, as the MLflow tag does"
 
 
 def test_other_pod_waits_for_the_chiefs_job_file(project_dir: Path, trained: list[dict[str, Any]]) -> None:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pipelines.errors import PipelineError
-from pipelines.launcher import free_ports, tf_configs
+from pipelines.launcher import free_ports, gpu_assignments, tf_configs, visible_gpus
 from pipelines.strategy import plan_strategy
 
 
@@ -73,3 +73,15 @@ def test_launcher_configs_describe_one_cluster_on_loopback() -> None:
     assert all(c["cluster"] == configs[0]["cluster"] for c in configs), "every worker sees the same cluster"
     assert [c["task"]["index"] for c in configs] == [0, 1, 2], "each worker has its own index"
     assert all(address.startswith("127.0.0.1:") for address in configs[0]["cluster"]["worker"]), "loopback only"
+
+
+def test_gpus_are_split_between_local_workers() -> None:
+    assert gpu_assignments(2, ["0", "1", "2", "3"]) == ["0,1", "2,3"], "four GPUs, two workers: two each"
+    assert gpu_assignments(4, ["0", "1", "2", "3"]) == ["0", "1", "2", "3"], "one GPU per worker"
+    assert gpu_assignments(2, []) == [None, None], "no GPU: the environment is left alone (CPU)"
+    assert gpu_assignments(3, ["0", "1"]) == [None, None, None], "fewer GPUs than workers: no pinning"
+
+
+def test_visible_gpus_honours_cuda_visible_devices() -> None:
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"], "the host's allotment is respected"
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == [], "-1 hides every GPU"
