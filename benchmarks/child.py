@@ -211,6 +211,7 @@ def plain_retrain(args: argparse.Namespace) -> dict[str, Any]:
         phases[name] = now - mark
         mark = now
 
+    import mlflow
     import numpy as np
     import tf_keras
     import yaml
@@ -218,7 +219,6 @@ def plain_retrain(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    import mlflow
     from models.architectures import build_model
 
     lap("imports")

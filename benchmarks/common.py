@@ -51,7 +51,7 @@ class Sizes:
         """Full sizes, or the smoke-run sizes."""
         if quick:
             return cls(epochs=2, training_rounds=1, scaling_rounds=1, ingest_images=2_000, parse_repeats=1)
-        return cls(epochs=None, training_rounds=3, scaling_rounds=2, ingest_images=20_000, parse_repeats=3)
+        return cls(epochs=None, training_rounds=5, scaling_rounds=2, ingest_images=20_000, parse_repeats=3)
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,23 @@ class ProgressLog(tf_keras.callbacks.Callback):  # type: ignore[misc]
         self.first_epoch = -1
         self.epoch_seconds: list[float] = []
         self._started = 0.0
+        self._trained: float | None = None
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         """Remember the first epoch of this attempt (above 0 when resumed from a backup) and start the clock."""
         if self.first_epoch < 0:
             self.first_epoch = epoch
+        self._trained = None
         self._started = time.perf_counter()
 
+    def on_test_begin(self, logs: dict[str, float] | None = None) -> None:
+        """Stop the training clock when the epoch's validation pass starts (validation is not training)."""
+        if self._trained is None:
+            self._trained = time.perf_counter() - self._started
+
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        """Record the epoch's metrics and duration."""
-        seconds = time.perf_counter() - self._started
+        """Record the epoch's metrics and its training time (without validation and checkpointing)."""
+        seconds = self._trained if self._trained is not None else time.perf_counter() - self._started
         self.epoch_seconds.append(seconds)
         record: dict[str, float | int] = {
             "epoch": epoch,

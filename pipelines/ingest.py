@@ -21,9 +21,9 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -39,6 +39,8 @@ from pipelines.project import MANIFEST_NAME, Project
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 LAST_INGEST_NAME = "last_ingest.json"
+NORMALISE_THREADS = min(8, (os.cpu_count() or 1) + 2)
+CHUNK_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -82,17 +84,17 @@ def normalise_image(raw: RawImage, config: Config) -> bytes:
     if len(raw.data) > limits.max_file_bytes:
         raise IngestError(f"{raw.origin}: file is {len(raw.data)} bytes, over ingest.max_file_bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw.data))
-            width, height = image.size
-            if width * height > limits.max_image_pixels:
-                raise IngestError(
-                    f"{raw.origin}: header declares {width}x{height} pixels, more than "
-                    f"ingest.max_image_pixels={limits.max_image_pixels} (possible decompression bomb)"
-                )
-            image.seek(0)
-            image.load()
+        # The pixel limit is checked from the header, before anything is decoded. (No
+        # warnings.catch_warnings() here: images are normalised in threads and it is not thread-safe.)
+        image = Image.open(io.BytesIO(raw.data))
+        width, height = image.size
+        if width * height > limits.max_image_pixels:
+            raise IngestError(
+                f"{raw.origin}: header declares {width}x{height} pixels, more than "
+                f"ingest.max_image_pixels={limits.max_image_pixels} (possible decompression bomb)"
+            )
+        image.seek(0)
+        image.load()
     except IngestError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -235,29 +237,52 @@ def _collect(
     seen: dict[str, tuple[str, str]] = {}
     rows: list[ManifestRow] = []
     duplicates = 0
-    progress = tqdm(raw_images, total=total, desc="ingest", unit="img", file=sys.stderr, disable=None)
-    for raw in progress:
+    progress = tqdm(total=total, desc="ingest", unit="img", file=sys.stderr, disable=None)
+
+    def normalised(raw: RawImage) -> tuple[RawImage, bytes]:
         if raw.label not in classes:
             raise IngestError(f"{raw.origin}: label {raw.label!r} is not in dataset.classes")
-        data = normalise_image(raw, config)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in seen:
-            first_origin, first_label = seen[digest]
-            if first_label != raw.label:
-                raise IngestError(
-                    f"{raw.origin}: same image as {first_origin} but labelled {raw.label!r} instead of {first_label!r}"
+        return raw, normalise_image(raw, config)
+
+    # Decoding and encoding release the GIL: a few threads normalise a bounded chunk at a time, and
+    # results are consumed in source order, so the output does not depend on thread timing.
+    with ThreadPoolExecutor(max_workers=NORMALISE_THREADS) as pool:
+        for chunk in _chunks(raw_images, CHUNK_SIZE):
+            for raw, data in pool.map(normalised, chunk):
+                progress.update()
+                digest = hashlib.sha256(data).hexdigest()
+                if digest in seen:
+                    first_origin, first_label = seen[digest]
+                    if first_label != raw.label:
+                        raise IngestError(
+                            f"{raw.origin}: same image as {first_origin} but labelled {raw.label!r} "
+                            f"instead of {first_label!r}"
+                        )
+                    duplicates += 1
+                    continue
+                seen[digest] = (raw.origin, raw.label)
+                relative = f"images/{raw.label}/{digest[:16]}.png"
+                target = staging / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+                height, width = config.dataset.image_size
+                split = assign_split(digest, config.ingest.split_fractions)
+                rows.append(
+                    ManifestRow(relative, raw.label, split, width, height, config.dataset.channels, len(data), digest)
                 )
-            duplicates += 1
-            continue
-        seen[digest] = (raw.origin, raw.label)
-        relative = f"images/{raw.label}/{digest[:16]}.png"
-        target = staging / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        height, width = config.dataset.image_size
-        split = assign_split(digest, config.ingest.split_fractions)
-        rows.append(ManifestRow(relative, raw.label, split, width, height, config.dataset.channels, len(data), digest))
+    progress.close()
     return rows, duplicates
+
+
+def _chunks(items: Iterator[RawImage], size: int) -> Iterator[list[RawImage]]:
+    chunk: list[RawImage] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pipelines.errors import PipelineError
@@ -45,8 +45,7 @@ def write_manifest(path: Path, rows: Iterable[ManifestRow], augmented: bool = Fa
         writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in sorted(rows, key=lambda item: item.path):
-            record = asdict(row)
-            writer.writerow({column: record[column] for column in columns})
+            writer.writerow({column: getattr(row, column) for column in columns})
     os.replace(temporary, path)
 
 

@@ -34,9 +34,9 @@ import io
 import json
 import math
 import os
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from pipelines.manifest import ManifestRow, read_manifest
 from pipelines.project import Project
 
 PROFILE_NAME = "profile.json"
+MEASURE_THREADS = min(8, (os.cpu_count() or 1) + 2)
 """File name of the per-class pixel profile written next to the manifest when validation passes."""
 
 MAX_LISTED = 10
@@ -121,7 +122,9 @@ def profile_path(project: Project) -> Path:
     return project.dataset_dir / PROFILE_NAME
 
 
-def measure_image(dataset_dir: Path, row: ManifestRow, max_pixels: int, max_bytes: int) -> ImageStats:
+def measure_image(
+    dataset_dir: Path, row: ManifestRow, max_pixels: int, max_bytes: int, resolved_root: Path | None = None
+) -> ImageStats:
     """Read and decode the file of ``row`` and measure it; never raises for a bad file.
 
     A file outside ``dataset_dir``, missing, larger than ``max_bytes``, declaring more than ``max_pixels``
@@ -132,8 +135,8 @@ def measure_image(dataset_dir: Path, row: ManifestRow, max_pixels: int, max_byte
     def failed(reason: str, sha256_matches: bool = False) -> ImageStats:
         return ImageStats(row.path, row.label, row.split, row.sha256, False, reason, sha256_matches=sha256_matches)
 
-    root = dataset_dir.resolve()
-    file = (dataset_dir / row.path).resolve()
+    root = resolved_root or dataset_dir.resolve()
+    file = (root / row.path).resolve()
     if not file.is_relative_to(root):
         return failed("path leaves the dataset folder")
     try:
@@ -147,18 +150,18 @@ def measure_image(dataset_dir: Path, row: ManifestRow, max_pixels: int, max_byte
         return failed(f"cannot read file: {error.strerror or error}")
     matches = hashlib.sha256(data).hexdigest() == row.sha256
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    return failed(
-                        f"declares {width}x{height} pixels, over ingest.max_image_pixels={max_pixels}",
-                        matches,
-                    )
-                image.load()
-                channels = len(image.getbands())
-                pixels = _pixel_values(image)
+        # No warnings.catch_warnings() here: it is not thread-safe, and the explicit pixel limit below is
+        # checked from the header before anything is decoded.
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                return failed(
+                    f"declares {width}x{height} pixels, over ingest.max_image_pixels={max_pixels}",
+                    matches,
+                )
+            image.load()
+            channels = len(image.getbands())
+            pixels = _pixel_values(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return failed(f"decompression bomb: {error}", matches)
     except UnidentifiedImageError:
@@ -487,7 +490,16 @@ def validate_dataset(project: Project) -> ValidationReport:
     reference = read_profile(reference_path) if reference_path.is_file() else None
 
     limits = config.ingest
-    images = [measure_image(project.dataset_dir, row, limits.max_image_pixels, limits.max_file_bytes) for row in rows]
+    root = project.dataset_dir.resolve()
+    # Decoding and hashing release the GIL for most of their time: a few threads keep the cores busy.
+    with ThreadPoolExecutor(max_workers=MEASURE_THREADS) as pool:
+        images = list(
+            pool.map(
+                lambda row: measure_image(root, row, limits.max_image_pixels, limits.max_file_bytes, root),
+                rows,
+                chunksize=64,
+            )
+        )
     tables = _tables(images, config, reference)
     result = _run_checkpoint(tables, _suites(config, drift=reference is not None), report_dir, config.dataset.name)
     evaluated = sum(int(validation.statistics["evaluated_expectations"]) for validation in result.run_results.values())
