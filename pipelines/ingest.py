@@ -23,7 +23,6 @@ import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -39,8 +38,6 @@ from pipelines.project import MANIFEST_NAME, Project
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 LAST_INGEST_NAME = "last_ingest.json"
-NORMALISE_THREADS = min(8, (os.cpu_count() or 1) + 2)
-CHUNK_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -237,52 +234,30 @@ def _collect(
     seen: dict[str, tuple[str, str]] = {}
     rows: list[ManifestRow] = []
     duplicates = 0
-    progress = tqdm(total=total, desc="ingest", unit="img", file=sys.stderr, disable=None)
-
-    def normalised(raw: RawImage) -> tuple[RawImage, bytes]:
+    height, width = config.dataset.image_size
+    # Sequential on purpose: with small images Pillow's per-call Python overhead dominates, and a thread
+    # pool measured slower on two cores (see benchmarks/results.md).
+    for raw in tqdm(raw_images, total=total, desc="ingest", unit="img", file=sys.stderr, disable=None):
         if raw.label not in classes:
             raise IngestError(f"{raw.origin}: label {raw.label!r} is not in dataset.classes")
-        return raw, normalise_image(raw, config)
-
-    # Decoding and encoding release the GIL: a few threads normalise a bounded chunk at a time, and
-    # results are consumed in source order, so the output does not depend on thread timing.
-    with ThreadPoolExecutor(max_workers=NORMALISE_THREADS) as pool:
-        for chunk in _chunks(raw_images, CHUNK_SIZE):
-            for raw, data in pool.map(normalised, chunk):
-                progress.update()
-                digest = hashlib.sha256(data).hexdigest()
-                if digest in seen:
-                    first_origin, first_label = seen[digest]
-                    if first_label != raw.label:
-                        raise IngestError(
-                            f"{raw.origin}: same image as {first_origin} but labelled {raw.label!r} "
-                            f"instead of {first_label!r}"
-                        )
-                    duplicates += 1
-                    continue
-                seen[digest] = (raw.origin, raw.label)
-                relative = f"images/{raw.label}/{digest[:16]}.png"
-                target = staging / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-                height, width = config.dataset.image_size
-                split = assign_split(digest, config.ingest.split_fractions)
-                rows.append(
-                    ManifestRow(relative, raw.label, split, width, height, config.dataset.channels, len(data), digest)
+        data = normalise_image(raw, config)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen:
+            first_origin, first_label = seen[digest]
+            if first_label != raw.label:
+                raise IngestError(
+                    f"{raw.origin}: same image as {first_origin} but labelled {raw.label!r} instead of {first_label!r}"
                 )
-    progress.close()
+            duplicates += 1
+            continue
+        seen[digest] = (raw.origin, raw.label)
+        relative = f"images/{raw.label}/{digest[:16]}.png"
+        target = staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        split = assign_split(digest, config.ingest.split_fractions)
+        rows.append(ManifestRow(relative, raw.label, split, width, height, config.dataset.channels, len(data), digest))
     return rows, duplicates
-
-
-def _chunks(items: Iterator[RawImage], size: int) -> Iterator[list[RawImage]]:
-    chunk: list[RawImage] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

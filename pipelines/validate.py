@@ -36,7 +36,6 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,6 @@ from pipelines.manifest import ManifestRow, read_manifest
 from pipelines.project import Project
 
 PROFILE_NAME = "profile.json"
-MEASURE_THREADS = min(8, (os.cpu_count() or 1) + 2)
 """File name of the per-class pixel profile written next to the manifest when validation passes."""
 
 MAX_LISTED = 10
@@ -491,15 +489,7 @@ def validate_dataset(project: Project) -> ValidationReport:
 
     limits = config.ingest
     root = project.dataset_dir.resolve()
-    # Decoding and hashing release the GIL for most of their time: a few threads keep the cores busy.
-    with ThreadPoolExecutor(max_workers=MEASURE_THREADS) as pool:
-        images = list(
-            pool.map(
-                lambda row: measure_image(root, row, limits.max_image_pixels, limits.max_file_bytes, root),
-                rows,
-                chunksize=64,
-            )
-        )
+    images = [measure_image(root, row, limits.max_image_pixels, limits.max_file_bytes, root) for row in rows]
     tables = _tables(images, config, reference)
     result = _run_checkpoint(tables, _suites(config, drift=reference is not None), report_dir, config.dataset.name)
     evaluated = sum(int(validation.statistics["evaluated_expectations"]) for validation in result.run_results.values())
