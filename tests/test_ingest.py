@@ -5,7 +5,7 @@ import io
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -223,25 +223,6 @@ def test_bad_folder_layout_is_refused(tiny_project: ProjectFactory, tmp_path: Pa
 def test_unknown_source_is_refused(tiny_project: ProjectFactory) -> None:
     with pytest.raises(IngestError, match=r"ingest.source: unknown source 'ftp://x'"):
         ingest(tiny_project(), "ftp://x")
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 with a free port, configured through the environment."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    try:
-        yield endpoint
-    finally:
-        server.stop()
 
 
 def upload_folder(bucket: str, prefix: str, folder: Path) -> None:

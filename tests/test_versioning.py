@@ -10,11 +10,10 @@ import hashlib
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -221,36 +220,6 @@ def test_git_work_tree_gets_a_git_backed_dvc_project(tiny_project: Callable[...,
     assert "no_scm" not in config, f"inside a git work tree DVC uses git: {config!r}"
     assert "/data" in (project.root / ".gitignore").read_text(), "DVC keeps data/ out of git"
     assert (project.root / "data.dvc").is_file(), f"data.dvc is at the root for {version.version}"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 with a ``mlops-data`` bucket; dummy credentials in the environment."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="mlops-data")
-    try:
-        yield endpoint
-    finally:
-        server.stop()
 
 
 def test_s3_remote_round_trip(tiny_project: Callable[..., Project], s3_endpoint: str) -> None:
