@@ -30,10 +30,10 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 setup: $(VENV)/.synced
 
 run: setup
-	$(BIN)/python -m pipelines.local_airflow run
+	$(BIN)/python -m pipelines.platform.local_airflow run
 
 ui: setup
-	$(BIN)/python -m pipelines.local_airflow ui
+	$(BIN)/python -m pipelines.platform.local_airflow ui
 
 lint: setup
 	$(BIN)/ruff check .

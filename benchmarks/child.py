@@ -2,7 +2,7 @@
 
 Commands (each writes one JSON object to ``--out``):
 
-``train-pipeline``  the pipeline's training step, :func:`pipelines.train.train` (1 or N local workers);
+``train-pipeline``  the pipeline's training step, :func:`pipelines.training.train.train` (1 or N local workers);
 ``train-baseline``  plain ``model.fit`` on in-memory numpy arrays of the same files, model and optimizer;
 ``plain-retrain``   a plain script: load the digits, fit, evaluate, log one MLflow run;
 ``parse-dag``       time ``import airflow.sdk``, then the import of one DAG file;
@@ -84,7 +84,7 @@ def train_pipeline(args: argparse.Namespace) -> dict[str, Any]:
         os.sched_setaffinity(0, {cpus[0]})
 
     from pipelines.project import Project
-    from pipelines.train import job_dir_for, train
+    from pipelines.training.train import job_dir_for, train
 
     project = Project.load(args.params)
     job_dir = job_dir_for(project, args.job_id)
@@ -118,7 +118,7 @@ def train_pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _decode_all(paths: tuple[str, ...], channels: int) -> Any:
-    """Decode PNG files to float32 in [0, 1], shape (N, H, W, C), as ``pipelines.inputs.load_arrays`` does."""
+    """Decode PNG files to float32 in [0, 1], shape (N, H, W, C), as ``pipelines.training.inputs.load_arrays`` does."""
     import numpy as np
     from PIL import Image
 
@@ -152,8 +152,8 @@ def _epoch_timer() -> Any:
 
 def train_baseline(args: argparse.Namespace) -> dict[str, Any]:
     """``model.fit(x, y)`` on the same train files (originals + augmented), architecture, optimizer, batch, epochs."""
-    from pipelines.inputs import input_shape, load_arrays, split_files
     from pipelines.project import Project
+    from pipelines.training.inputs import input_shape, load_arrays, split_files
 
     project = Project.load(args.params)
     config = project.config

@@ -159,11 +159,11 @@ def training_overrides(ctx: Context) -> dict[str, dict[str, Any]]:
 
 def digits_project(root: Path, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """A project on the built-in digits sample, ingested, validated, augmented and versioned; its params."""
-    from pipelines.augment import augment_dataset
-    from pipelines.ingest import ingest
+    from pipelines.data.augment import augment_dataset
+    from pipelines.data.ingest import ingest
+    from pipelines.data.validate import validate_dataset
+    from pipelines.data.versioning import version_data
     from pipelines.project import Project
-    from pipelines.validate import validate_dataset
-    from pipelines.versioning import version_data
 
     params = write_params(root, overrides)
     project = Project.load(params)

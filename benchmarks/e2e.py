@@ -1,8 +1,8 @@
 """End-to-end retrain through Airflow against a plain script doing load -> fit -> evaluate -> log.
 
 The Airflow side is the real ``retrain`` DAG run with ``airflow dags test`` (the command
-:func:`pipelines.local_airflow.dags_test` runs) in a temporary project with its own Airflow home
-(:func:`pipelines.local_airflow.prepare`: SQLite metadata DB, ``dvc`` pool). Its wall time is that of the
+:func:`pipelines.platform.local_airflow.dags_test` runs) in a temporary project with its own Airflow home
+(:func:`pipelines.platform.local_airflow.prepare`: SQLite metadata DB, ``dvc`` pool). Its wall time is that of the
 ``airflow dags test`` process alone: the database migration before it and the run listing after it are
 reported apart. Per-task times come from ``airflow tasks states-for-dag-run --output json``.
 
@@ -39,7 +39,7 @@ RETRAIN_TASKS = ("ingest", "validate", "augment", "version", "train", "evaluate"
 
 def _task_times(env: dict[str, str], run_id: str) -> list[dict[str, Any]]:
     """Task id, state, start, end and seconds of every task instance of ``retrain`` run ``run_id``."""
-    from pipelines.local_airflow import airflow
+    from pipelines.platform.local_airflow import airflow
 
     listed = airflow(env, "tasks", "states-for-dag-run", "retrain", run_id, "--output", "json", check=False)
     if "[" not in listed.stdout:
@@ -58,7 +58,7 @@ def _task_times(env: dict[str, str], run_id: str) -> list[dict[str, Any]]:
 
 def bench_e2e(ctx: Context) -> Outcome:
     """Wall time of a ``retrain`` DAG run vs a plain retrain script, and the time of each Airflow task."""
-    from pipelines.local_airflow import airflow, latest_run, prepare
+    from pipelines.platform.local_airflow import airflow, latest_run, prepare
 
     root = ctx.folder("e2e")
     overrides = training_overrides(ctx)

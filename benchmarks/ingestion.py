@@ -4,11 +4,11 @@ A folder of ``N`` 32x32 grayscale PNGs in 10 class folders (``0``..``9``) is gen
 (a class-specific bar plus seeded noise, so no two images are equal). Then, in a project whose dataset
 params match (classes ``0``..``9``, ``image_size [32, 32]``, ``channels 1``, a small minimum per split):
 
-* :func:`pipelines.ingest.ingest` of ``folder:PATH``, images/s, against a plain loop doing the least the
+* :func:`pipelines.data.ingest.ingest` of ``folder:PATH``, images/s, against a plain loop doing the least the
   same result needs (read, decode, re-encode PNG, sha256, write);
-* :func:`pipelines.validate.validate_dataset`, images/s, against a plain loop doing the least per image
+* :func:`pipelines.data.validate.validate_dataset`, images/s, against a plain loop doing the least per image
   (read, sha256, decode);
-* :func:`pipelines.versioning.version_data` (``dvc add`` + ``dvc push``), seconds;
+* :func:`pipelines.data.versioning.version_data` (``dvc add`` + ``dvc push``), seconds;
 * ingest again over the dataset in place (what a scheduled retrain does), images/s;
 * a second validate, and a first ingest into a fresh project, under :mod:`cProfile`; the top functions by
   cumulative and by own time go to ``benchmarks/profile-validate.txt`` and ``benchmarks/profile-ingest.txt``.
@@ -136,10 +136,10 @@ def write_profile(profiler: cProfile.Profile, path: Path, header: str) -> str:
 
 def bench_ingest(ctx: Context) -> Outcome:
     """Images/s of ingest and validate on generated PNGs (vs plain loops), version time, an ingest profile."""
-    from pipelines.ingest import ingest
+    from pipelines.data.ingest import ingest
+    from pipelines.data.validate import validate_dataset
+    from pipelines.data.versioning import version_data
     from pipelines.project import Project
-    from pipelines.validate import validate_dataset
-    from pipelines.versioning import version_data
 
     root = ctx.folder("ingest")
     count = ctx.sizes.ingest_images
@@ -152,42 +152,44 @@ def bench_ingest(ctx: Context) -> Outcome:
     project = Project.load(write_params(root / "project", overrides))
     source_spec = f"folder:{source}"
 
-    result, ingest_seconds = _timed("pipelines.ingest.ingest", lambda: ingest(project, source_spec))
+    result, ingest_seconds = _timed("pipelines.data.ingest.ingest", lambda: ingest(project, source_spec))
     images = result.images
     _, plain_ingest_seconds = _timed("plain ingest loop", lambda: plain_ingest(source, root / "plain-ingest"))
     # Great Expectations and pandas are imported by the first validate_dataset call of a process: timed apart,
     # so the images/s figure does not depend on whether an earlier benchmark already imported them.
     _, import_seconds = _timed("import great_expectations, pandas", _import_validation_libraries)
-    _, validate_seconds = _timed("pipelines.validate.validate_dataset", lambda: validate_dataset(project))
+    _, validate_seconds = _timed("pipelines.data.validate.validate_dataset", lambda: validate_dataset(project))
     _, plain_validate_seconds = _timed("plain validate loop", lambda: plain_validate(project.dataset_dir))
-    version, version_seconds = _timed("pipelines.versioning.version_data", lambda: version_data(project, source_spec))
+    version, version_seconds = _timed(
+        "pipelines.data.versioning.version_data", lambda: version_data(project, source_spec)
+    )
     # What a scheduled retrain does: ingest again over the dataset already in place (the old one is retired).
-    _, reingest_seconds = _timed("pipelines.ingest.ingest over the dataset", lambda: ingest(project, source_spec))
+    _, reingest_seconds = _timed("pipelines.data.ingest.ingest over the dataset", lambda: ingest(project, source_spec))
 
     header = (
         f"on {count} generated {SIZE}x{SIZE} grayscale PNGs in 10 class folders; "
         "written by `python -m benchmarks.run --only ingest`\n"
     )
     validate_profile, profiled_validate_seconds = _profiled(
-        "pipelines.validate.validate_dataset again, under cProfile", lambda: validate_dataset(project)
+        "pipelines.data.validate.validate_dataset again, under cProfile", lambda: validate_dataset(project)
     )
     write_profile(
         validate_profile,
         ctx.out_dir / VALIDATE_PROFILE_FILE,
-        f"cProfile of pipelines.validate.validate_dataset(project) {header}"
+        f"cProfile of pipelines.data.validate.validate_dataset(project) {header}"
         f"wall {validate_seconds:.2f} s unprofiled (first call in the process), {profiled_validate_seconds:.2f} s "
         "under cProfile (second call: one-time setup already done)\n",
     )
     # The ingest profile is of a first ingest, like the timed one, in a fresh project with the same params.
     fresh = Project.load(write_params(root / "project-profile", overrides))
     ingest_profile, profiled_seconds = _profiled(
-        "pipelines.ingest.ingest in a fresh project, under cProfile", lambda: ingest(fresh, source_spec)
+        "pipelines.data.ingest.ingest in a fresh project, under cProfile", lambda: ingest(fresh, source_spec)
     )
     profile_path = ctx.out_dir / PROFILE_FILE
     write_profile(
         ingest_profile,
         profile_path,
-        f"cProfile of pipelines.ingest.ingest(project, 'folder:...') into an empty project {header}"
+        f"cProfile of pipelines.data.ingest.ingest(project, 'folder:...') into an empty project {header}"
         f"wall {ingest_seconds:.2f} s unprofiled, {profiled_seconds:.2f} s under cProfile; "
         f"an ingest over an existing dataset took {reingest_seconds:.2f} s unprofiled\n",
     )

@@ -1,6 +1,6 @@
 """Training throughput against plain ``model.fit``, and one worker against two local workers.
 
-``training``: the pipeline's training step (:func:`pipelines.train.train`, one process) on the digits sample,
+``training``: the pipeline's training step (:func:`pipelines.training.train.train`, one process) on the digits sample,
 against ``model.fit(x, y)`` on in-memory numpy arrays of the same files (originals + augmented copies),
 with the same architecture, optimizer, global batch, epochs and seed. Both are timed per epoch from
 ``on_epoch_begin`` to ``on_epoch_end`` with the first epoch left out, as ``ProgressLog`` does. Two more

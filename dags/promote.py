@@ -19,7 +19,7 @@ from typing import Any
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from pipelines.orchestration import DEFAULT_ARGS, load_project, run_step
+from pipelines.platform.orchestration import DEFAULT_ARGS, load_project, run_step
 
 
 @dag(
@@ -47,13 +47,13 @@ def promote() -> None:
 
     @task
     def resolve() -> str:
-        from pipelines.promote import resolve_version
+        from pipelines.release.promote import resolve_version
 
         return run_step(resolve_version, load_project(), get_current_context()["params"]["version"])
 
     @task
     def check_gate(version: str) -> dict[str, Any]:
-        from pipelines.promote import check_gate as check
+        from pipelines.release.promote import check_gate as check
 
         force = bool(get_current_context()["params"]["force"])
         result = run_step(check, load_project(), version, force)
@@ -61,7 +61,7 @@ def promote() -> None:
 
     @task(execution_timeout=timedelta(minutes=15))
     def infra_validate(gate: dict[str, Any]) -> dict[str, Any]:
-        from pipelines.promote import infra_validate as validate
+        from pipelines.release.promote import infra_validate as validate
 
         report = run_step(validate, load_project(), gate["version"])
         print(f"version {report.version}: p95 batch latency {report.p95_latency_ms:.1f} ms (budget {report.budget_ms})")
@@ -69,8 +69,8 @@ def promote() -> None:
 
     @task
     def set_champion(gate: dict[str, Any]) -> dict[str, Any]:
-        from pipelines.orchestration import triggering_user
-        from pipelines.promote import set_champion as move_alias
+        from pipelines.platform.orchestration import triggering_user
+        from pipelines.release.promote import set_champion as move_alias
 
         context = get_current_context()
         result = run_step(

@@ -21,7 +21,7 @@ from typing import Any
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from pipelines.orchestration import DEFAULT_ARGS, DVC_POOL, dag_config, load_project, run_step
+from pipelines.platform.orchestration import DEFAULT_ARGS, DVC_POOL, dag_config, load_project, run_step
 
 CONFIG = dag_config()
 INCOMING_IMAGES = Asset(name="incoming_images", uri="mlops://incoming_images")
@@ -53,7 +53,7 @@ def retrain() -> None:
 
     @task(pool=DVC_POOL)
     def ingest() -> dict[str, Any]:
-        from pipelines.ingest import ingest as ingest_step
+        from pipelines.data.ingest import ingest as ingest_step
 
         source = get_current_context()["params"]["source"]
         result = run_step(ingest_step, load_project(), source)
@@ -61,9 +61,9 @@ def retrain() -> None:
 
     @task(execution_timeout=timedelta(minutes=60))
     def validate(ingested: dict[str, Any]) -> dict[str, Any]:
+        from pipelines.data.validate import format_report, validate_dataset
+        from pipelines.data.versioning import restore_workspace
         from pipelines.errors import DataValidationError
-        from pipelines.validate import format_report, validate_dataset
-        from pipelines.versioning import restore_workspace
 
         project = load_project()
         try:
@@ -79,14 +79,14 @@ def retrain() -> None:
 
     @task(pool=DVC_POOL)
     def augment(validated: dict[str, Any]) -> int:
-        from pipelines.augment import augment_dataset
+        from pipelines.data.augment import augment_dataset
 
         return run_step(augment_dataset, load_project()).images_written
 
     @task(pool=DVC_POOL)
     def version(augmented: int) -> str:
-        from pipelines.ingest import last_ingest_source
-        from pipelines.versioning import version_data
+        from pipelines.data.ingest import last_ingest_source
+        from pipelines.data.versioning import version_data
 
         project = load_project()
         result = run_step(version_data, project, last_ingest_source(project))
@@ -95,7 +95,7 @@ def retrain() -> None:
 
     @task(queue=TRAIN_QUEUE, execution_timeout=timedelta(hours=3))
     def train(data_version: str) -> str:
-        from pipelines.train import train as train_step
+        from pipelines.training.train import train as train_step
 
         context = get_current_context()
         project = load_project()
@@ -103,7 +103,7 @@ def retrain() -> None:
         # and a finished job is never trained (or logged) twice.
         job_id = f"{context['dag'].dag_id}-{context['run_id']}"
         if TRAIN_BACKEND == "kubernetes":
-            from pipelines.k8s_job import train_on_kubernetes
+            from pipelines.training.kubernetes import train_on_kubernetes
 
             return run_step(train_on_kubernetes, project, job_id, context["ti"].try_number)
         result = run_step(
@@ -118,7 +118,7 @@ def retrain() -> None:
 
     @task
     def evaluate(candidate_run: str) -> str:
-        from pipelines.evaluate import evaluate_candidate
+        from pipelines.release.evaluate import evaluate_candidate
 
         result = run_step(evaluate_candidate, load_project(), candidate_run)
         print(f"candidate accuracy {result.candidate_accuracy:.4f}; champion {result.champion_version or 'none'}")
@@ -128,7 +128,7 @@ def retrain() -> None:
     def gate(candidate_run: str) -> str:
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pipelines.evaluate import gate_candidate
+        from pipelines.release.evaluate import gate_candidate
 
         verdict = run_step(gate_candidate, load_project(), candidate_run)
         print(verdict.format_table())
@@ -139,7 +139,7 @@ def retrain() -> None:
 
     @task
     def register(candidate_run: str) -> str:
-        from pipelines.register import register_candidate
+        from pipelines.release.register import register_candidate
 
         result = run_step(register_candidate, load_project(), candidate_run)
         print(f"run {candidate_run}: {result.reason}, version {result.version}")
@@ -149,8 +149,8 @@ def retrain() -> None:
     def auto_promote(model_version: str) -> str:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from pipelines.orchestration import triggering_user
-        from pipelines.promote import promote
+        from pipelines.platform.orchestration import triggering_user
+        from pipelines.release.promote import promote
 
         context = get_current_context()
         if not context["params"]["auto_promote"]:

@@ -5,7 +5,7 @@
 # then runs `airflow "$@"` (or bash/python when the command starts with one of them).
 set -euo pipefail
 
-# Where the image keeps them (tests/test_docker.py points these at the repository's copies).
+# Where the image keeps them (tests/unit/platform/test_docker.py points these at the repository's copies).
 bootstrap="${MLOPS_BOOTSTRAP:-/opt/mlops-image/bootstrap.py}"
 image_entrypoint="${AIRFLOW_IMAGE_ENTRYPOINT:-/entrypoint}"
 

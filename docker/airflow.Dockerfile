@@ -3,7 +3,7 @@
 # The Airflow image of the scaled-out deployment (docker/compose.yaml): API server, scheduler, DAG
 # processor, triggerer and the Celery worker of the `default` queue. trainer.Dockerfile (the GPU
 # worker) is this image plus the CUDA libraries; the blocks marked [shared:...] are the same text in
-# both files, and tests/test_docker.py keeps them so.
+# both files, and tests/unit/platform/test_docker.py keeps them so.
 #
 # Build context: the repository root (`docker compose -f docker/compose.yaml build`, or
 # `docker build -f docker/airflow.Dockerfile .`); docker/airflow.Dockerfile.dockerignore sends only
@@ -46,7 +46,7 @@ COPY --chown=airflow:0 models ./models
 COPY --chown=airflow:0 docker/check_lock.py docker/bootstrap.py /opt/mlops-image/
 RUN uv pip install --no-deps . \
     && python /opt/mlops-image/check_lock.py /opt/mlops-image/requirements.txt \
-    && python -I -c "import asyncpg, psycopg2, celery, pipelines.orchestration" \
+    && python -I -c "import asyncpg, psycopg2, celery, pipelines.platform.orchestration" \
     && (uv pip check || echo "note: uv pip check reports conflicts of packages the base image adds")
 COPY --chown=airflow:0 dags /opt/airflow/dags
 COPY --chown=airflow:0 params.yaml /opt/mlops-image/params.yaml

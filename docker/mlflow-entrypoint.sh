@@ -16,7 +16,7 @@ set -eu
 : "${MLFLOW_BACKEND_STORE_URI:?MLFLOW_BACKEND_STORE_URI is not set (postgresql+psycopg2://user:password@host:5432/db)}"
 : "${MLFLOW_ARTIFACTS_DESTINATION:?MLFLOW_ARTIFACTS_DESTINATION is not set (s3://bucket)}"
 
-# Where the image keeps it (tests/test_docker.py points this at the repository's copy).
+# Where the image keeps it (tests/unit/platform/test_docker.py points this at the repository's copy).
 bootstrap="${MLOPS_BOOTSTRAP:-/opt/mlflow-image/bootstrap.py}"
 python "$bootstrap" check-env
 

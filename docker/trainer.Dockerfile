@@ -4,7 +4,7 @@
 # retrain DAG sends its `train` task (MLOPS_TRAIN_QUEUE=gpu in docker/compose.yaml).
 #
 # Approach: the Airflow image (airflow.Dockerfile, same base, same lock; the [shared:...] blocks are
-# the same text in both files, checked by tests/test_docker.py) plus the CUDA user-space libraries as
+# the same text in both files, checked by tests/unit/platform/test_docker.py) plus the CUDA user-space libraries as
 # NVIDIA's pip wheels, through TensorFlow's own `and-cuda` extra. The host provides only the NVIDIA
 # driver, through the NVIDIA Container Toolkit.
 #
@@ -66,7 +66,7 @@ COPY --chown=airflow:0 models ./models
 COPY --chown=airflow:0 docker/check_lock.py docker/bootstrap.py /opt/mlops-image/
 RUN uv pip install --no-deps . \
     && python /opt/mlops-image/check_lock.py /opt/mlops-image/requirements.txt \
-    && python -I -c "import asyncpg, psycopg2, celery, pipelines.orchestration" \
+    && python -I -c "import asyncpg, psycopg2, celery, pipelines.platform.orchestration" \
     && (uv pip check || echo "note: uv pip check reports conflicts of packages the base image adds")
 COPY --chown=airflow:0 dags /opt/airflow/dags
 COPY --chown=airflow:0 params.yaml /opt/mlops-image/params.yaml

@@ -1,4 +1,4 @@
-"""Pipeline steps: ingest, validate, augment, version, train, evaluate, gate, register, promote; and the CLI."""
+"""Image-classification MLOps pipeline: data, training, release and platform stages, and the ``mlops`` CLI."""
 
 import os
 

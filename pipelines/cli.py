@@ -21,7 +21,7 @@ Handler = Callable[[Project, argparse.Namespace], None]
 
 
 def _ingest(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.ingest import ingest
+    from pipelines.data.ingest import ingest
 
     result = ingest(project, source=args.source)
     splits = ", ".join(f"{name} {count}" for name, count in result.per_split.items())
@@ -31,21 +31,21 @@ def _ingest(project: Project, args: argparse.Namespace) -> None:
 
 
 def _validate(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.validate import format_report, validate_dataset
+    from pipelines.data.validate import format_report, validate_dataset
 
     print(format_report(validate_dataset(project)))
 
 
 def _augment(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.augment import augment_dataset
+    from pipelines.data.augment import augment_dataset
 
     result = augment_dataset(project)
     print(f"wrote {result.images_written} augmented train images from {result.source_images} originals")
 
 
 def _version(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.ingest import last_ingest_source
-    from pipelines.versioning import version_data
+    from pipelines.data.ingest import last_ingest_source
+    from pipelines.data.versioning import version_data
 
     version = version_data(project, source=last_ingest_source(project))
     state = "new version" if version.is_new else "unchanged"
@@ -53,14 +53,14 @@ def _version(project: Project, args: argparse.Namespace) -> None:
 
 
 def _data_checkout(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.versioning import checkout_data
+    from pipelines.data.versioning import checkout_data
 
     checkout_data(project, args.data_version)
     print(f"restored data version {args.data_version} into {project.data_dir}")
 
 
 def _data_list(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.versioning import list_versions
+    from pipelines.data.versioning import list_versions
 
     versions = list_versions(project)
     if not versions:
@@ -71,7 +71,7 @@ def _data_list(project: Project, args: argparse.Namespace) -> None:
 
 
 def _last_run_id(project: Project, given: str | None) -> str:
-    from pipelines.train import last_run_id
+    from pipelines.training.train import last_run_id
 
     run_id = given or last_run_id(project)
     if not run_id:
@@ -80,7 +80,7 @@ def _last_run_id(project: Project, given: str | None) -> str:
 
 
 def _train(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.train import train
+    from pipelines.training.train import train
 
     result = train(
         project,
@@ -97,7 +97,7 @@ def _train(project: Project, args: argparse.Namespace) -> None:
 
 
 def _evaluate(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.evaluate import evaluate_candidate
+    from pipelines.release.evaluate import evaluate_candidate
 
     result = evaluate_candidate(project, _last_run_id(project, args.run_id))
     against = f"champion version {result.champion_version}" if result.champion_version else "no champion yet"
@@ -108,7 +108,7 @@ def _evaluate(project: Project, args: argparse.Namespace) -> None:
 
 
 def _gate(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.evaluate import gate_candidate
+    from pipelines.release.evaluate import gate_candidate
 
     verdict = gate_candidate(project, _last_run_id(project, args.run_id))
     print(verdict.format_table())
@@ -117,7 +117,7 @@ def _gate(project: Project, args: argparse.Namespace) -> None:
 
 
 def _register(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.register import register_candidate
+    from pipelines.release.register import register_candidate
 
     result = register_candidate(project, _last_run_id(project, args.run_id))
     if result.registered:
@@ -128,14 +128,14 @@ def _register(project: Project, args: argparse.Namespace) -> None:
 
 
 def _promote(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.promote import promote
+    from pipelines.release.promote import promote
 
     result = promote(project, args.version, args.reason, force=args.force)
     _print_promotion(project, result)
 
 
 def _rollback(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.promote import rollback
+    from pipelines.release.promote import rollback
 
     _print_promotion(project, rollback(project, args.reason))
 
@@ -150,7 +150,7 @@ def _print_promotion(project: Project, result: Any) -> None:
 
 
 def _status(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.status import collect_status, format_status
+    from pipelines.release.status import collect_status, format_status
 
     status = collect_status(project)
     print(json.dumps(status, indent=2) if args.json else format_status(status))

@@ -1,4 +1,4 @@
-"""Probe the DAG files with the real Airflow parser, in a process of its own; ``tests/test_dags.py`` runs it.
+"""Probe the DAG files with the real Airflow parser, in a process of its own (for ``test_dags.py``).
 
 The test process never imports Airflow: each probe runs in a fresh interpreter whose environment (Airflow
 home, DAG folder, metadata database URL, ``MLOPS_PARAMS``) the test sets, and writes what it found as JSON.

@@ -1,0 +1,96 @@
+"""Register: a candidate that passed its gate becomes a new model version with the alias ``challenger``.
+
+The version is tagged with everything needed to trace it: data version, run id, gate verdict, git
+commit and Airflow run. A candidate that failed stays a run tagged ``gate=failed`` and the registry is
+left unchanged. Registering the same run twice returns the version registered the first time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.errors import PipelineError
+from pipelines.project import Project
+
+CHALLENGER_ALIAS = "challenger"
+TRACED_RUN_TAGS = ("data_version", "git_commit", "dataset", "classes", "airflow.dag_id", "airflow.run_id")
+
+
+class RegistrationError(PipelineError):
+    """The run cannot be registered (never gated, unknown run)."""
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """Whether the run was registered, as which version, and why not when it was not."""
+
+    run_id: str
+    registered: bool
+    version: str | None
+    reason: str
+
+
+@contextmanager
+def registry_lock(project: Project) -> Iterator[None]:
+    """Serialise check-then-create on this host, so one run never becomes two versions."""
+    path = project.root / "artifacts" / "registry.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def versions_of_run(client: Any, model_name: str, run_id: str) -> list[Any]:
+    """Model versions of ``model_name`` created from ``run_id``, oldest first."""
+    found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    return sorted(found, key=lambda version: int(version.version))
+
+
+def register_candidate(project: Project, run_id: str) -> RegistrationResult:
+    """Register ``run_id``'s model if its gate passed, and point ``challenger`` at it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.release.evaluate import get_run
+    from pipelines.tracking import connect, with_retries
+
+    connect(project)
+    client = MlflowClient()
+    run = get_run(run_id)
+    gate = run.data.tags.get("gate")
+    if gate is None:
+        raise RegistrationError(f"run {run_id}: no gate verdict (run `mlops gate --run-id {run_id}` first)")
+    if gate != "passed":
+        return RegistrationResult(run_id, False, None, "gate failed: the registry is unchanged")
+    name = project.config.registry.model_name
+    with registry_lock(project):
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            with_retries(
+                lambda: client.create_registered_model(
+                    name, description=f"{project.config.dataset.name} image classifier trained by the retrain DAG"
+                ),
+                "create the registered model",
+            )
+        existing = versions_of_run(client, name, run_id)
+        if existing:
+            version = existing[0]
+            reason = "already registered"
+        else:
+            tags = {key: run.data.tags[key] for key in TRACED_RUN_TAGS if key in run.data.tags}
+            tags.update({"run_id": run_id, "gate": "passed", "gate.baseline": run.data.tags.get("gate.baseline", "")})
+            version = with_retries(
+                lambda: mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags), "register the model"
+            )
+            reason = "registered"
+        client.set_registered_model_alias(name, CHALLENGER_ALIAS, str(version.version))
+    return RegistrationResult(run_id, True, str(version.version), reason)

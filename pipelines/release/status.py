@@ -1,0 +1,102 @@
+"""Status: champion and challenger, their metrics and data versions, recent retraining runs, champion history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines.project import Project
+
+RECENT_RUNS = 5
+
+
+def _version_summary(client: Any, name: str, alias: str) -> dict[str, Any] | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    run = client.get_run(version.run_id)
+    metrics = run.data.metrics
+    return {
+        "version": str(version.version),
+        "run_id": version.run_id,
+        "run_name": run.info.run_name,
+        "data_version": version.tags.get("data_version", ""),
+        "git_commit": version.tags.get("git_commit", ""),
+        "airflow_run": version.tags.get("airflow.run_id", ""),
+        "test_accuracy": metrics.get("test_accuracy"),
+        "test_macro_f1": metrics.get("test_macro_f1"),
+        "promoted_at": version.tags.get("promoted_at", ""),
+        "promoted_by": version.tags.get("promoted_by", ""),
+        "promotion_reason": version.tags.get("promotion_reason", ""),
+    }
+
+
+def collect_status(project: Project) -> dict[str, Any]:
+    """Champion, challenger, the last retraining runs and the champion history, as plain data."""
+    from dataclasses import asdict
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.release.promote import champion_history
+    from pipelines.tracking import connect
+
+    experiment_id = connect(project)
+    client = MlflowClient()
+    name = project.config.registry.model_name
+    runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=RECENT_RUNS)
+    return {
+        "model": name,
+        "champion": _version_summary(client, name, "champion"),
+        "challenger": _version_summary(client, name, "challenger"),
+        "recent_runs": [
+            {
+                "run_id": run.info.run_id,
+                "run_name": run.info.run_name,
+                "status": run.info.status,
+                "gate": run.data.tags.get("gate", "not gated"),
+                "data_version": run.data.tags.get("data_version", ""),
+                "test_accuracy": run.data.metrics.get("test_accuracy"),
+                "airflow_run": run.data.tags.get("airflow.run_id", ""),
+            }
+            for run in runs
+        ],
+        "history": [asdict(entry) for entry in champion_history(project)],
+    }
+
+
+def _metric(value: float | None) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "-"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A readable multi-line rendering of :func:`collect_status`."""
+    lines = [f"model {status['model']}"]
+    for alias in ("champion", "challenger"):
+        item = status[alias]
+        if item is None:
+            lines.append(f"  {alias:<10} none")
+            continue
+        lines.append(
+            f"  {alias:<10} version {item['version']}  accuracy {_metric(item['test_accuracy'])}  "
+            f"macro-F1 {_metric(item['test_macro_f1'])}  data {item['data_version'][:12]}  run {item['run_id'][:12]}"
+        )
+    lines.append("recent runs")
+    if not status["recent_runs"]:
+        lines.append("  none")
+    for run in status["recent_runs"]:
+        lines.append(
+            f"  {run['run_name']:<36} gate {run['gate']:<9} accuracy {_metric(run['test_accuracy'])}  "
+            f"data {run['data_version'][:12]}"
+        )
+    lines.append("champion history")
+    if not status["history"]:
+        lines.append("  none")
+    for entry in status["history"]:
+        forced = " (forced)" if entry["forced"] else ""
+        lines.append(
+            f"  #{entry['sequence']} {entry['at']} {entry['action']} version {entry['version']} "
+            f"(replaced {entry['previous'] or 'none'}) by {entry['by']}{forced}: {entry['reason']}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""The model half on a tiny versioned dataset: train (one process), evaluate, gate, register, in MLflow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines.errors import PipelineError
+from pipelines.project import Project
+from tests.support import TRAINING_OVERRIDES, versioned_project, write_params, write_tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Project, Any]]:
+    """One project and one finished single-process training run, shared by the tests of this module."""
+    from pipelines.training.train import train
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.delenv("TF_CONFIG", raising=False)
+        project = versioned_project(tmp_path_factory.mktemp("training") / "project")
+        result = train(project, job_id="first")
+        yield project, result
+
+
+def client_for(project: Project) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import connect
+
+    connect(project)
+    return MlflowClient()
+
+
+def test_training_run_is_tracked_with_lineage(trained: tuple[Project, Any]) -> None:
+    from pipelines.data.versioning import current_version
+
+    project, result = trained
+    client = client_for(project)
+    run = client.get_run(result.run_id)
+    assert result.strategy == "default", f"one CPU process uses the default strategy: {result}"
+    assert result.replicas == 1, f"one replica: {result}"
+    assert run.data.params["strategy"] == "default", "the strategy is a run param"
+    assert run.data.params["global_batch_size"] == "16", "global batch = per-replica batch x 1 replica"
+    assert run.data.params["train.epochs"] == "3", "the flattened config is logged"
+    assert run.data.tags["data_version"] == current_version(project), "the run names its DVC data version"
+    assert run.info.run_name.startswith(f"tiny-{current_version(project)[:8]}-"), "run name: dataset-version-time"
+    assert "git_commit" in run.data.tags, "the git commit is tagged (or 'unknown' outside git)"
+    history = client.get_metric_history(result.run_id, "val_accuracy")
+    assert [m.step for m in history] == [0, 1, 2], f"one val_accuracy point per epoch: {history}"
+    inputs = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    expected = {f"tiny-{split}": current_version(project) for split in ("train", "val", "test")}
+    assert inputs == expected, f"one dataset input per split with the DVC version as digest: {inputs}"
+    artifacts = {item.path for item in client.list_artifacts(result.run_id)}
+    assert {"training_curves.png", "val_confusion_matrix.png", "val_per_class.json"} <= artifacts, artifacts
+
+
+def test_logged_model_has_signature_and_predicts(trained: tuple[Project, Any]) -> None:
+    import mlflow
+    import numpy as np
+
+    from pipelines.training.inputs import load_arrays
+
+    project, result = trained
+    client_for(project)
+    info = mlflow.models.get_model_info(result.model_uri)
+    assert info.signature is not None, "the model is logged with a signature"
+    images, _ = load_arrays(project, "test")
+    probabilities = np.asarray(mlflow.pyfunc.load_model(result.model_uri).predict(images))
+    assert probabilities.shape == (len(images), 3), f"one probability per class: {probabilities.shape}"
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4), "softmax outputs sum to one"
+
+
+def test_finished_job_is_not_trained_twice(trained: tuple[Project, Any]) -> None:
+    from pipelines.training.train import train
+
+    project, result = trained
+    again = train(project, job_id="first")
+    assert again.run_id == result.run_id, "re-running a finished job returns its run, without a new one"
+
+
+def test_evaluate_gate_register_first_model_then_idempotent(trained: tuple[Project, Any]) -> None:
+    from pipelines.release.evaluate import evaluate_candidate, gate_candidate
+    from pipelines.release.register import register_candidate
+
+    project, result = trained
+    evaluation = evaluate_candidate(project, result.run_id)
+    assert evaluation.champion_version is None, "no champion exists yet"
+    verdict = gate_candidate(project, result.run_id)
+    assert verdict.passed, f"first model passes on value thresholds: {verdict}"
+    assert not verdict.has_champion, "no champion took part"
+    assert "first model" in verdict.note, f"the verdict says no champion was compared: {verdict.note}"
+    first = register_candidate(project, result.run_id)
+    second = register_candidate(project, result.run_id)
+    client = client_for(project)
+    versions = client.search_model_versions("name = 'tiny-classifier'")
+    assert (first.version, second.version) == ("1", "1"), "registering one run twice gives one version"
+    assert len(versions) == 1, f"exactly one version in the registry: {[v.version for v in versions]}"
+    version = client.get_model_version_by_alias("tiny-classifier", "challenger")
+    assert str(version.version) == "1", "the new version holds the challenger alias"
+    assert version.tags["run_id"] == result.run_id, "the version names its run"
+    assert version.tags["data_version"] == result.data_version, "the version names its data version"
+    assert version.tags["gate"] == "passed", f"the version records its verdict: {version.tags}"
+    assert "git_commit" in version.tags, f"the version records the git commit: {version.tags}"
+    run_tags = client.get_run(result.run_id).data.tags
+    assert run_tags["gate"] == "passed", "the verdict is stored as run tags"
+
+
+def test_second_run_is_gated_against_the_champion(trained: tuple[Project, Any]) -> None:
+    from pipelines.release.evaluate import evaluate_candidate, gate_candidate
+    from pipelines.training.train import train
+
+    project, _ = trained
+    client = client_for(project)
+    client.set_registered_model_alias("tiny-classifier", "champion", "1")
+    candidate = train(project, job_id="second")
+    evaluation = evaluate_candidate(project, candidate.run_id)
+    assert evaluation.champion_version == "1", "the candidate is compared with the champion"
+    assert evaluation.mcnemar_p_value is not None, "paired statistics are computed against the champion"
+    verdict = gate_candidate(project, candidate.run_id)
+    names = {check.name for check in verdict.checks}
+    assert verdict.has_champion, "the verdict records that a champion was compared"
+    assert {"max_accuracy_drop", "max_class_recall_drop"} <= names, f"change thresholds are checked: {names}"
+    comparison = json.loads(
+        Path(client.download_artifacts(candidate.run_id, "evaluation/comparison.json")).read_text(encoding="utf-8")
+    )
+    assert comparison["bootstrap"]["low"] <= comparison["bootstrap"]["high"], "a bootstrap interval is stored"
+
+
+def test_class_set_change_fails_the_gate_and_registers_nothing(trained: tuple[Project, Any], tmp_path: Path) -> None:
+    from pipelines.release.evaluate import evaluate_candidate, gate_candidate
+    from pipelines.release.register import register_candidate
+    from pipelines.training.train import train
+
+    project, _ = trained
+    client = client_for(project)
+    client.set_registered_model_alias("tiny-classifier", "champion", "1")
+    before = len(client.search_model_versions("name = 'tiny-classifier'"))
+    # Same tracking store, a fourth class in the data.
+    other_root = tmp_path / "project"
+    shutil.copytree(project.root / "artifacts" / "mlflow", other_root / "artifacts" / "mlflow")
+    other = versioned_project(other_root, {"dataset": {"classes": ["a", "b", "c", "d"]}}, per_split=6)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project.root / 'artifacts' / 'mlflow' / 'mlflow.db'}")
+        candidate = train(other, job_id="four-classes")
+        evaluate_candidate(other, candidate.run_id)
+        verdict = gate_candidate(other, candidate.run_id)
+        registration = register_candidate(other, candidate.run_id)
+    assert not verdict.passed, "a different class set fails the gate"
+    assert any(c.name == "class_set" and not c.passed for c in verdict.checks), f"the reason is named: {verdict}"
+    assert not registration.registered, "a failed candidate is not registered"
+    assert len(client.search_model_versions("name = 'tiny-classifier'")) == before, "the registry is unchanged"
+    assert client.get_run(candidate.run_id).data.tags["gate"] == "failed", "the run is tagged gate=failed"
+
+
+def test_unknown_data_version_is_refused(trained: tuple[Project, Any]) -> None:
+    from pipelines.training.train import train
+
+    project, _ = trained
+    with pytest.raises(PipelineError, match=r"0{32}"):
+        train(project, data_version="0" * 32, job_id="unknown-version")
+
+
+def test_manifest_without_train_rows_is_refused(tmp_path: Path) -> None:
+    from pipelines.data.manifest import read_manifest, write_manifest
+    from pipelines.data.versioning import version_data
+    from pipelines.training.train import train
+
+    project = Project.load(write_params(tmp_path, TRAINING_OVERRIDES))
+    rows = [row for row in write_tiny_dataset(project) if row.split != "train"]
+    write_manifest(project.manifest_path, rows)
+    version_data(project)
+    assert all(row.split != "train" for row in read_manifest(project.manifest_path)), "no train rows left"
+    with pytest.raises(PipelineError, match="no train rows"):
+        train(project)
+
+
+def test_unreachable_tracking_server_is_retried_then_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.tracking import TrackingError, connect
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLOPS_TRACKING_ATTEMPTS", "3")
+    monkeypatch.setenv("MLOPS_TRACKING_BASE_DELAY", "0.05")
+    project = Project.load(write_params(tmp_path))
+    with pytest.raises(TrackingError, match=r"unreachable .* \(3 attempts\)"):
+        connect(project)
