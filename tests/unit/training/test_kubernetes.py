@@ -1,12 +1,18 @@
-"""The Kubernetes renderer for multi-host training: manifests, TF_CONFIG per index, submit-and-wait logic."""
+"""Training on Kubernetes: TF_CONFIG per index, the pod worker, the Service and Job the operators submit.
+
+The manifests come from the real operators, rendered offline by ``python -m pipelines.training.kubernetes
+render`` in a subprocess with a throw-away ``AIRFLOW_HOME`` (this process never imports Airflow); a probe
+script builds the task group in a DAG the same way. Each runs once per module.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import re
-from collections.abc import Mapping
+import os
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,102 +21,352 @@ import pytest
 import yaml
 
 from pipelines.errors import PipelineError
+from pipelines.project import Project
 from pipelines.training import kubernetes as k8s_job
+from pipelines.training.backends import job_id_for_run
 from pipelines.training.kubernetes import (
+    DEFAULT_PORT,
     EXIT_NOT_RETRYABLE,
     EXIT_RETRYABLE,
-    JobFailedError,
-    JobTimeoutError,
-    TrainingJobSpec,
-    TransientApiError,
-    render_training_job,
-    submit_and_wait,
+    KubernetesSettings,
     tf_config_for_index,
-    to_yaml,
 )
 from pipelines.training.strategy import plan_strategy
-from tests.support import write_params
+from pipelines.training.train import job_dir_for
+from tests.support import REPO_ROOT, write_params
 
 K8S_VERSIONS = ["1.33.0", kubernetes_validate.latest_version()]
 FAKE_AWS_KEY = "AKIAABCDEFGHIJKLMNOP"
+FAKE_PASSWORD = "not-in-any-manifest-7319"
+RUN_ID = "manual__2026-11-27T10:00:00+00:00"
+DATA_VERSION = "ab" * 16
+SETTINGS_ENV = {
+    "MLOPS_K8S_IMAGE": "registry.example.com:5000/team/trainer:1.2.3",
+    "MLOPS_K8S_NAMESPACE": "ml",
+    "MLOPS_K8S_PVC": "training-workspace",
+    "MLOPS_K8S_SECRET": "mlops-aws",
+    "MLOPS_K8S_TRACKING_URI": "https://mlflow.example.com",
+}
+CASES = {  # name: (workers, max_restarts, gpus_per_worker)
+    "one-cpu-worker": (1, 0, 0),
+    "two-workers": (2, 1, 1),
+    "four-workers": (4, 2, 2),
+}
 
 
-def make_spec(**overrides: Any) -> TrainingJobSpec:
-    fields: dict[str, Any] = {
-        "name": "train-0412",
-        "namespace": "ml",
-        "image": "registry.example.com:5000/team/trainer:1.2.3",
-        "workers": 4,
-        "gpus_per_worker": 2,
-        "cpu": "8",
-        "memory": "32Gi",
-        "params_path": "/workspace/project/params.yaml",
-        "job_dir": "/workspace/project/artifacts/training/train-0412",
-        "pvc_name": "training-workspace",
-        "tracking_uri": "https://mlflow.example.com",
-        "secret_name": "mlops-aws",
-    }
-    fields.update(overrides)
-    return TrainingJobSpec(**fields)
+def subprocess_env(airflow_home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a render or probe: the settings, a throw-away Airflow home, secrets to leak."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLOPS_", "AIRFLOW"))}
+    env.update(SETTINGS_ENV, AIRFLOW_HOME=str(airflow_home), **extra)
+    env.update(AWS_ACCESS_KEY_ID=FAKE_AWS_KEY, MLFLOW_TRACKING_PASSWORD=FAKE_PASSWORD)
+    return env
 
 
-def by_kind(manifests: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [manifest for manifest in manifests if manifest["kind"] == kind]
-    assert len(found) == 1, f"exactly one {kind} expected, got {len(found)}"
-    return found[0]
+def run_python(args: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert done.returncode == 0, f"{args[:3]} failed ({done.returncode}):\n{done.stderr[-3000:]}"
+    return done.stdout
 
 
-def pod_spec(manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    return dict(by_kind(manifests, "Job")["spec"]["template"]["spec"])
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """``render`` output per case: the raw text, the Service and the Job."""
+    outputs: dict[str, dict[str, Any]] = {}
+    for name, (workers, max_restarts, gpus) in CASES.items():
+        env = subprocess_env(tmp_path_factory.mktemp("airflow-home"))
+        args = ["-m", "pipelines.training.kubernetes", "render", "--workers", str(workers), "--run-id", RUN_ID]
+        args += ["--max-restarts", str(max_restarts), "--gpus-per-worker", str(gpus), "--data-version", DATA_VERSION]
+        text = run_python(args, env)
+        service, job = yaml.safe_load_all(text)
+        outputs[name] = {"text": text, "Service": service, "Job": job, "workers": workers}
+    return outputs
 
 
-def container(manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    containers = pod_spec(manifests)["containers"]
-    assert len(containers) == 1, f"one trainer container per pod, got {len(containers)}"
+def pod_spec(job: dict[str, Any]) -> dict[str, Any]:
+    return dict(job["spec"]["template"]["spec"])
+
+
+def trainer(job: dict[str, Any]) -> dict[str, Any]:
+    containers = pod_spec(job)["containers"]
+    assert len(containers) == 1, f"one container per pod, got {[c['name'] for c in containers]}"
     return dict(containers[0])
 
 
-# ------------------------------------------------------------------------------------------- manifests
+def pod_args(job: dict[str, Any]) -> argparse.Namespace:
+    return k8s_job.build_parser().parse_args(["worker", *trainer(job)["args"]])
+
+
+# ------------------------------------------------------------------------------ the rendered Service and Job
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize(
-    "overrides",
-    [{}, {"workers": 1, "gpus_per_worker": 0}, {"service_account": "trainer", "active_deadline_seconds": 7200}],
-)
-def test_manifests_validate_against_kubernetes_schemas(version: str, overrides: dict[str, Any]) -> None:
-    for manifest in render_training_job(make_spec(**overrides)):
+@pytest.mark.parametrize("case", list(CASES))
+def test_manifests_validate_against_kubernetes_schemas(
+    rendered: dict[str, dict[str, Any]], case: str, version: str
+) -> None:
+    for kind in ("Service", "Job"):
         try:
-            kubernetes_validate.validate(manifest, version, strict=True)
+            kubernetes_validate.validate(rendered[case][kind], version, strict=True)
         except kubernetes_validate.ValidationError as error:
-            pytest.fail(f"{manifest['kind']} is not valid Kubernetes {version} ({overrides}): {error.message}")
+            pytest.fail(f"{kind} of {case} is not valid Kubernetes {version}: {error.message}")
 
 
-def test_strict_schema_validation_catches_an_unknown_field() -> None:
-    job = by_kind(render_training_job(make_spec()), "Job")
+def test_strict_schema_validation_catches_an_unknown_field(rendered: dict[str, dict[str, Any]]) -> None:
+    job = json.loads(json.dumps(rendered["two-workers"]["Job"]))
     job["spec"]["template"]["spec"]["restartPolicyy"] = "Never"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(job, K8S_VERSIONS[-1], strict=True)
 
 
-def test_service_is_headless_and_selects_the_jobs_pods() -> None:
-    spec = make_spec()
-    manifests = render_training_job(spec)
-    assert [m["kind"] for m in manifests] == ["Service", "Job"], "the Service comes first so names resolve early"
-    service = by_kind(manifests, "Service")
-    assert service["spec"]["clusterIP"] == "None", "a headless Service gives each pod its own DNS record"
-    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": spec.name}, "selects the Job's pods"
-    assert service["spec"]["publishNotReadyAddresses"] is True, "workers resolve each other while starting"
-    assert [p["port"] for p in service["spec"]["ports"]] == [spec.port], "the Service exposes the gRPC port"
-    assert pod_spec(manifests)["subdomain"] == service["metadata"]["name"], "pods live under the Service's domain"
-
-
-@pytest.mark.parametrize("workers", [1, 2, 4, 7])
-def test_n_workers_make_an_indexed_job_of_n_completions(workers: int) -> None:
-    job = by_kind(render_training_job(make_spec(workers=workers)), "Job")
-    spec = job["spec"]
+@pytest.mark.parametrize("case", list(CASES))
+def test_n_workers_make_an_indexed_job_of_n_completions(rendered: dict[str, dict[str, Any]], case: str) -> None:
+    workers, max_restarts, _ = CASES[case]
+    spec = rendered[case]["Job"]["spec"]
     assert spec["completionMode"] == "Indexed", "each pod gets JOB_COMPLETION_INDEX"
     assert (spec["completions"], spec["parallelism"]) == (workers, workers), f"all {workers} workers run at once"
+    assert spec["backoffLimit"] == max_restarts * workers, "one whole-group restart costs up to `workers` failures"
+    assert pod_args(rendered[case]["Job"]).workers == workers, "the pods know the size of their group"
+
+
+def test_trainer_container_is_the_one_the_pod_failure_policy_names(rendered: dict[str, dict[str, Any]]) -> None:
+    job = rendered["two-workers"]["Job"]
+    assert trainer(job)["name"] == "trainer", "the operator's base container is the template's trainer"
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    fail_job = [rule for rule in rules if rule["action"] == "FailJob"]
+    assert len(fail_job) == 1, f"one FailJob rule: {rules}"
+    assert fail_job[0]["onExitCodes"]["containerName"] == "trainer", f"the policy names the trainer: {rules}"
+    assert fail_job[0]["onExitCodes"]["values"] == [EXIT_NOT_RETRYABLE], "a user error fails the Job at once"
+    ignored = [rule["onPodConditions"] for rule in rules if rule["action"] == "Ignore"]
+    assert ignored == [[{"type": "DisruptionTarget", "status": "True"}]], "evictions and drains do not count"
+    assert job["spec"]["podReplacementPolicy"] == "Failed", "a replacement waits for the old pod to be gone"
+    assert pod_spec(job)["restartPolicy"] == "Never", "podFailurePolicy needs restartPolicy Never"
+
+
+def test_pods_are_locked_down_and_bounded_in_time(rendered: dict[str, dict[str, Any]]) -> None:
+    job = rendered["two-workers"]["Job"]
+    assert pod_spec(job)["automountServiceAccountToken"] is False, "training never talks to the Kubernetes API"
+    assert trainer(job)["securityContext"] == {"allowPrivilegeEscalation": False}, "no privilege escalation"
+    assert trainer(job)["terminationMessagePolicy"] == "FallbackToLogsOnError", "a failed pod says why"
+    assert job["spec"]["activeDeadlineSeconds"] == 3 * 3600, "a hung group ends after MLOPS_K8S_TIMEOUT_HOURS"
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0, "finished Jobs are cleaned up"
+
+
+def test_service_is_headless_and_selects_the_pods_of_every_try(rendered: dict[str, dict[str, Any]]) -> None:
+    service, job = rendered["two-workers"]["Service"], rendered["two-workers"]["Job"]
+    assert service["spec"]["clusterIP"] == "None", "a headless Service gives each pod its own DNS record"
+    assert service["spec"]["publishNotReadyAddresses"] is True, "workers resolve each other while starting"
+    selector, pod_labels = service["spec"]["selector"], job["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= pod_labels.items(), f"the Service selects the Job's pods: {selector}"
+    assert "batch.kubernetes.io/job-name" not in selector, "not by Job name: each try has its own Job"
+    assert job["metadata"]["name"] not in selector.values(), f"nothing of the try in {selector}"
+    assert "try_number" not in selector, f"the operator's try label is not selected: {selector}"
+    assert pod_spec(job)["subdomain"] == service["metadata"]["name"], "the pods live under the Service's domain"
+    assert service["metadata"]["namespace"] == job["metadata"]["namespace"] == "ml", "both in MLOPS_K8S_NAMESPACE"
+    ports = [port["containerPort"] for port in trainer(job)["ports"]]
+    assert [p["port"] for p in service["spec"]["ports"]] == ports == [DEFAULT_PORT], "the gRPC port, everywhere"
+
+
+def test_names_follow_the_run_and_the_operators_job_prefix(rendered: dict[str, dict[str, Any]]) -> None:
+    service, job = rendered["four-workers"]["Service"], rendered["four-workers"]["Job"]
+    digest = uuid.uuid5(uuid.NAMESPACE_URL, job_id_for_run("retrain", RUN_ID)).hex[:10]
+    assert service["metadata"]["name"] == f"mlops-train-{digest}", "one Service per DAG run"
+    assert job["metadata"]["name"] == f"job-mlops-train-{digest}-1", "job- (the operator's) + Service + try number"
+    assert pod_args(job).job_name == job["metadata"]["name"], "the pods compute their peers from the Job's name"
+    hostname = f"{job['metadata']['name']}-{CASES['four-workers'][0] - 1}"
+    assert len(hostname) <= 63, f"the last worker's hostname is a DNS label: {hostname}"
+
+
+@pytest.mark.parametrize("case", ["one-cpu-worker", "four-workers"])
+def test_pod_arguments_yield_the_tf_config_of_tf_config_for_index(
+    rendered: dict[str, dict[str, Any]], case: str
+) -> None:
+    service, job = rendered[case]["Service"], rendered[case]["Job"]
+    assert trainer(job)["command"] == ["python", "-m", "pipelines.training.kubernetes", "worker"], "the pod entry"
+    args = pod_args(job)
+    name, namespace = service["metadata"]["name"], job["metadata"]["namespace"]
+    for index in range(rendered[case]["workers"]):
+        from_pod = tf_config_for_index(args.job_name, args.service, args.namespace, args.workers, args.port, index)
+        direct = tf_config_for_index(job["metadata"]["name"], name, namespace, args.workers, DEFAULT_PORT, index)
+        assert from_pod == direct, f"worker {index}: the pod's arguments give the expected TF_CONFIG"
+    assert args.data_version == DATA_VERSION, "the chief pins the data version of the DAG run"
+
+
+def test_secrets_are_only_referenced(rendered: dict[str, dict[str, Any]]) -> None:
+    text, job = rendered["two-workers"]["text"], rendered["two-workers"]["Job"]
+    assert trainer(job)["envFrom"] == [{"secretRef": {"name": "mlops-aws"}}], "credentials come from the Secret"
+    assert FAKE_AWS_KEY not in text, "no AWS key of the submitter's environment in the manifests"
+    assert FAKE_PASSWORD not in text, "no MLflow password of the submitter's environment in the manifests"
+    env = {item["name"]: item["value"] for item in trainer(job)["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com", "the pods log to MLOPS_K8S_TRACKING_URI"
+    assert all("valueFrom" not in item for item in trainer(job)["env"]), "no per-variable secret either"
+
+
+def test_shared_pvc_is_mounted_at_workspace_and_holds_the_job_dir(
+    rendered: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    job = rendered["two-workers"]["Job"]
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod_spec(job)["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    mounts = {mount["name"]: mount["mountPath"] for mount in trainer(job)["volumeMounts"]}
+    assert mounts[next(iter(claims))] == "/workspace", f"the PVC {claims} is mounted at /workspace: {mounts}"
+    assert list(claims.values()) == ["training-workspace"], "the one PVC is MLOPS_K8S_PVC"
+    assert mounts["dshm"] == "/dev/shm", "NCCL and tf.data get a memory-backed /dev/shm"
+    args = pod_args(job)
+    assert args.params == "/workspace/project/params.yaml", "the project is under the mount"
+    assert args.job_id == job_id_for_run("retrain", RUN_ID), "the job id is the DAG run's, the same for every try"
+    pod_project = Project(root=Path("/workspace/project"), config=Project.load(write_params(tmp_path)).config)
+    job_dir = job_dir_for(pod_project, args.job_id)
+    assert job_dir.is_relative_to("/workspace"), f"checkpoints are on the shared volume: {job_dir}"
+
+
+def test_gpu_limits_only_when_gpus_per_worker_is_positive(rendered: dict[str, dict[str, Any]]) -> None:
+    cpu_only = trainer(rendered["one-cpu-worker"]["Job"])["resources"]
+    four = trainer(rendered["four-workers"]["Job"])["resources"]
+    assert "nvidia.com/gpu" not in cpu_only["limits"], f"no GPU asked for with 0 GPUs per worker: {cpu_only}"
+    assert four["limits"]["nvidia.com/gpu"] == "2", f"2 GPUs per worker: {four}"
+    assert four["requests"] == {"cpu": "4", "memory": "16Gi"}, f"default CPU and memory requested: {four}"
+
+
+# ------------------------------------------------------------------------------------- the Airflow task group
+
+PROBE = """
+import json
+from airflow.sdk import DAG, task
+from airflow.serialization.serialized_objects import DagSerialization
+from pipelines.training.kubernetes import kubernetes_training
+
+with DAG(dag_id="retrain", schedule=None) as dag:
+    @task
+    def version() -> str:
+        return "v"
+    result = kubernetes_training(version())
+job = dag.get_task("train.run_job")
+print(json.dumps({
+    "result": result.operator.task_id,
+    "upstream": {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks},
+    "trigger_rule": {t.task_id: str(t.trigger_rule.value) for t in dag.tasks},
+    "queue": {t.task_id: t.queue for t in dag.tasks},
+    "job": {name: getattr(job, name) for name in (
+        "deferrable", "wait_until_job_complete", "get_logs", "do_xcom_push", "completions", "parallelism",
+        "backoff_limit", "active_deadline_seconds", "random_name_suffix", "base_container_name")},
+    "execution_timeout": job.execution_timeout.total_seconds(),
+    "serialized": sorted(DagSerialization.from_dict(DagSerialization.to_dict(dag)).task_dict),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The task group that ``kubernetes_training`` adds to a DAG, described by a subprocess."""
+    params = write_params(tmp_path_factory.mktemp("project"), {"train": {"workers": 3, "max_restarts": 2}})
+    env = subprocess_env(tmp_path_factory.mktemp("airflow-home"), MLOPS_PARAMS=str(params), MLOPS_TRAIN_QUEUE="gpu")
+    return dict(json.loads(run_python(["-c", PROBE], env).splitlines()[-1]))
+
+
+def test_training_group_runs_after_the_data_version_and_cleans_up(probed: dict[str, Any]) -> None:
+    upstream = probed["upstream"]
+    assert upstream["train.create_service"] == ["version"], "the Service comes after the data version"
+    assert upstream["train.run_job"] == ["train.create_service", "version"], "the Job after the Service"
+    assert upstream["train.find_run"] == ["train.run_job"], "the run id is looked up once the Job is done"
+    assert upstream["train.delete_service"] == ["train.run_job"], "the Service goes once the Job is done"
+    assert probed["trigger_rule"]["train.delete_service"] == "all_done", "deleted even when the Job failed"
+    assert probed["result"] == "train.find_run", "the group's result is the chief's MLflow run id"
+    trains = {task for task in probed["queue"] if task.startswith("train.")}
+    assert {probed["queue"][task] for task in trains} == {"gpu"}, "MLOPS_TRAIN_QUEUE routes every train task"
+    assert sorted(probed["serialized"]) == sorted(upstream), "the DAG serializes for the scheduler"
+
+
+def test_job_operator_waits_deferred_and_bounded(probed: dict[str, Any]) -> None:
+    job = probed["job"]
+    assert job["wait_until_job_complete"] is True, f"the task waits for the Job: {job}"
+    assert job["deferrable"] is True, f"in the triggerer: no worker slot is held while the Job runs: {job}"
+    assert job["get_logs"] is True, f"the pods' logs end up in the task log: {job}"
+    assert job["do_xcom_push"] is False, f"no XCom sidecar in the pods: {job}"
+    assert (job["completions"], job["parallelism"], job["backoff_limit"]) == (3, 3, 6), f"train.* of params: {job}"
+    assert (job["random_name_suffix"], job["base_container_name"]) == (False, "trainer"), f"names kept: {job}"
+    assert probed["execution_timeout"] > job["active_deadline_seconds"], "the Job's deadline ends it first"
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+
+@pytest.fixture
+def settings_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for key in [key for key in os.environ if key.startswith("MLOPS_K8S_") or key == "MLOPS_TRAIN_QUEUE"]:
+        monkeypatch.delenv(key)
+    return dict(SETTINGS_ENV)
+
+
+def test_settings_come_from_the_environment_and_params(settings_env: dict[str, str]) -> None:
+    settings_env.update(MLOPS_K8S_GPUS_PER_WORKER="0", MLOPS_K8S_CONN_ID="k8s_gpu", MLOPS_TRAIN_QUEUE="gpu")
+    settings = KubernetesSettings.from_environment(workers=3, max_restarts=2, environ=settings_env)
+    assert (settings.workers, settings.max_restarts) == (3, 2), "group size and restarts from params.yaml"
+    assert (settings.gpus_per_worker, settings.conn_id, settings.queue) == (0, "k8s_gpu", "gpu"), f"{settings}"
+    assert settings.project_dir == "/workspace/project", "the project sits on the PVC by default"
+
+
+def test_missing_settings_are_named(settings_env: dict[str, str]) -> None:
+    del settings_env["MLOPS_K8S_PVC"], settings_env["MLOPS_K8S_SECRET"]
+    with pytest.raises(PipelineError, match="MLOPS_K8S_PVC field required; MLOPS_K8S_SECRET field required"):
+        KubernetesSettings.from_environment(workers=1, max_restarts=1, environ=settings_env)
+
+
+def test_a_tracking_uri_with_a_password_is_refused(settings_env: dict[str, str]) -> None:
+    settings_env["MLOPS_K8S_TRACKING_URI"] = "https://admin:hunter2@mlflow.example.com"
+    with pytest.raises(PipelineError, match=r"MLOPS_K8S_TRACKING_URI .*password") as caught:
+        KubernetesSettings.from_environment(workers=1, max_restarts=1, environ=settings_env)
+    assert "hunter2" not in str(caught.value), "the refusal does not repeat the password"
+
+
+def test_a_setting_that_is_not_a_number_is_named(settings_env: dict[str, str]) -> None:
+    settings_env["MLOPS_K8S_GPUS_PER_WORKER"] = "two"
+    with pytest.raises(PipelineError, match="MLOPS_K8S_GPUS_PER_WORKER"):
+        KubernetesSettings.from_environment(workers=1, max_restarts=1, environ=settings_env)
+
+
+def test_render_without_settings_says_which_are_missing(
+    settings_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert k8s_job.main(["render", "--workers", "2", "--image", "trainer:1"]) == 2, "a usage error"
+    error = capsys.readouterr().err
+    assert "MLOPS_K8S_NAMESPACE" in error, f"names what is missing: {error}"
+    assert "MLOPS_K8S_IMAGE" not in error, f"not what --image gave: {error}"
+
+
+def test_the_pod_entry_point_needs_neither_airflow_nor_the_kubernetes_client() -> None:
+    code = "import sys, pipelines.training.kubernetes; print(sorted({'airflow', 'kubernetes'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", f"imported at module level: {done.stdout}"
+
+
+# ---------------------------------------------------------------------------------------- the chief's MLflow run
+
+
+def test_run_id_for_job_finds_the_run_tagged_with_the_job_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    from pipelines.tracking import connect
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    project = Project.load(write_params(tmp_path))
+    job_id = job_id_for_run("retrain", RUN_ID)
+    with pytest.raises(PipelineError, match="no MLflow run is tagged"):
+        k8s_job.run_id_for_job(project, job_id)
+    connect(project)
+    for folder in ("retrain-another-run", job_dir_for(project, job_id).name):
+        with mlflow.start_run(tags={"training_job": folder}) as run:
+            expected = run.info.run_id
+    assert k8s_job.run_id_for_job(project, job_id) == expected, "the run of this job's folder, not another's"
+
+
+# ------------------------------------------------------------------------------------------------ TF_CONFIG
 
 
 @pytest.mark.parametrize("workers", [2, 4, 7])
@@ -145,398 +401,19 @@ def test_cluster_domain_is_configurable() -> None:
     assert config["cluster"]["worker"][1] == "j-1.s.ml.svc.corp.internal:2222", f"custom domain: {config}"
 
 
-def test_pod_command_computes_the_same_tf_config_as_the_renderer() -> None:
-    spec = make_spec(workers=3, port=31000)
-    trainer = container(render_training_job(spec))
-    assert trainer["command"] == ["python", "-m", "pipelines.training.kubernetes", "worker"], (
-        "pods run the worker command"
-    )
-    args = k8s_job.build_parser().parse_args(["worker", *trainer["args"]])
-    for index in range(spec.workers):
-        from_pod = tf_config_for_index(
-            args.job_name, args.service, args.namespace, args.workers, args.port, index, cluster_domain="cluster.local"
-        )
-        direct = tf_config_for_index(spec.name, spec.service, spec.namespace, spec.workers, spec.port, index)
-        assert from_pod == direct, f"worker {index}: the pod's arguments give the same TF_CONFIG"
-    assert args.job_dir == spec.job_dir, "the pods train in the spec's job dir"
-    assert trainer["ports"][0]["containerPort"] == 31000, "the container listens on the configured port"
+# ----------------------------------------------------------------------------------------------- in the pods
 
 
-def test_gpu_limits_and_cpu_memory_requests() -> None:
-    trainer = container(render_training_job(make_spec(gpus_per_worker=2, cpu="8", memory="32Gi")))
-    resources = trainer["resources"]
-    assert resources["limits"]["nvidia.com/gpu"] == 2, f"2 GPUs per worker: {resources}"
-    assert resources["requests"] == {"cpu": "8", "memory": "32Gi"}, f"cpu and memory requested: {resources}"
-    assert resources["limits"]["memory"] == "32Gi", "memory is limited to its request (no overcommit)"
-    cpu_only = container(render_training_job(make_spec(gpus_per_worker=0)))["resources"]
-    assert "nvidia.com/gpu" not in cpu_only["limits"], f"no GPU key for CPU-only workers: {cpu_only}"
-
-
-def test_secrets_are_only_referenced() -> None:
-    spec = make_spec()
-    manifests = render_training_job(spec)
-    trainer = container(manifests)
-    assert trainer["envFrom"] == [{"secretRef": {"name": "mlops-aws"}}], "credentials come from the Secret"
-    literal = [e["name"] for e in trainer["env"] if re.search(r"AWS|SECRET|PASSWORD|TOKEN|KEY", e["name"])]
-    assert not literal, f"no credential is written as a literal env value: {literal}"
-    text = to_yaml(manifests)
-    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key", text, re.IGNORECASE), "no AWS key in the YAML"
-    assert "kind: Secret" not in text, "the renderer never creates a Secret"
-
-
-def test_tracking_uri_with_a_password_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"^tracking_uri: .*Secret"):
-        make_spec(tracking_uri=f"https://bob:{FAKE_AWS_KEY}@mlflow.example.com")
-
-
-def test_pods_share_the_job_dir_volume_and_the_training_environment() -> None:
-    spec = make_spec(service_account="trainer")
-    manifests = render_training_job(spec)
-    pod, trainer = pod_spec(manifests), container(manifests)
-    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
-    assert claims == ["training-workspace"], f"the PVC is the shared volume: {claims}"
-    mounts = {m["name"]: m["mountPath"] for m in trainer["volumeMounts"]}
-    assert mounts["workspace"] == "/workspace", f"mounted at /workspace: {mounts}"
-    assert spec.job_dir.startswith("/workspace/"), "the job dir (checkpoints, result.json) is on the shared volume"
-    env = {e["name"]: e.get("value") for e in trainer["env"]}
-    assert env["TF_USE_LEGACY_KERAS"] == "1", "tf-keras under MultiWorkerMirroredStrategy"
-    assert env["MLFLOW_TRACKING_URI"] == spec.tracking_uri, "the workers log to the configured tracking server"
-    assert pod["serviceAccountName"] == "trainer", "the service account is used when given"
-    assert "serviceAccountName" not in pod_spec(render_training_job(make_spec())), "no service account by default"
-    assert by_kind(manifests, "Job")["spec"]["ttlSecondsAfterFinished"] == 86_400, "finished Jobs are cleaned up"
-    for manifest in [*manifests, by_kind(manifests, "Job")["spec"]["template"]]:
-        labels = manifest["metadata"]["labels"]
-        assert labels["app.kubernetes.io/instance"] == spec.name, f"labelled with the job: {labels}"
-        assert labels["app.kubernetes.io/name"] == "mlops-trainer", f"labelled with the app: {labels}"
-
-
-@pytest.mark.parametrize(("max_restarts", "workers", "limit"), [(0, 4, 0), (1, 4, 4), (3, 2, 6)])
-def test_restart_policy_restarts_the_whole_group(max_restarts: int, workers: int, limit: int) -> None:
-    manifests = render_training_job(make_spec(max_restarts=max_restarts, workers=workers))
-    job = by_kind(manifests, "Job")["spec"]
-    assert pod_spec(manifests)["restartPolicy"] == "Never", "failed workers get fresh pods (podFailurePolicy needs it)"
-    assert job["backoffLimit"] == limit, f"{max_restarts} group restarts of {workers} pods: backoffLimit {limit}"
-    assert "backoffLimitPerIndex" not in job, "per-index retries would let the group run with a member missing"
-    assert job["podReplacementPolicy"] == "Failed", "a replacement waits until the old pod is gone"
-    rules = job["podFailurePolicy"]["rules"]
-    fail = [r for r in rules if r["action"] == "FailJob"]
-    assert fail, f"a FailJob rule: {rules}"
-    assert fail[0]["onExitCodes"] == {
-        "containerName": container(manifests)["name"],
-        "operator": "In",
-        "values": [EXIT_NOT_RETRYABLE],
-    }, f"a user error fails the Job at once: {rules}"
-    ignored = [r for r in rules if r["action"] == "Ignore"]
-    assert ignored, f"an Ignore rule: {rules}"
-    assert ignored[0]["onPodConditions"][0]["type"] == "DisruptionTarget", "evictions do not count"
-
-
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("name", "Train_Job"),
-        ("name", "1-starts-with-a-digit"),
-        ("name", "x" * 53),
-        ("name", "ends-with-"),
-        ("namespace", "ML"),
-        ("image", "registry.example.com/trainer"),
-        ("image", "localhost:5000/trainer"),
-        ("image", "trainer:latest"),
-        ("image", "Registry/Trainer:1.0"),
-        ("image", ""),
-        ("image", "team//trainer:1.0"),
-        ("image", "team/trainer-:1.0"),
-        ("workers", 0),
-        ("workers", -2),
-        ("gpus_per_worker", -1),
-        ("cpu", "lots"),
-        ("memory", "0"),
-        ("port", 70000),
-        ("job_dir", "/tmp/job"),
-        ("job_dir", "/workspace"),
-        ("job_dir", "/workspace/../etc"),
-        ("params_path", "params.yaml"),
-        ("pvc_name", "Shared_Volume"),
-        ("secret_name", ""),
-        ("tracking_uri", "mlflow.example.com"),
-        ("max_restarts", -1),
-        ("active_deadline_seconds", 0),
-    ],
-)
-def test_invalid_field_raises_value_error_naming_it(field: str, value: Any) -> None:
-    with pytest.raises(ValueError, match=rf"^{field}:"):
-        make_spec(**{field: value})
-
-
-@pytest.mark.parametrize(
-    "image",
-    [
-        "trainer:1.2.3",
-        "registry.example.com:5000/team/trainer:2026.11.1-gpu",
-        "ghcr.io/org/trainer@sha256:" + "a" * 64,
-        "ghcr.io/org/trainer:1.0@sha256:" + "b" * 64,
-    ],
-)
-def test_tagged_or_pinned_images_are_accepted(image: str) -> None:
-    assert make_spec(image=image).image == image, f"{image} names a fixed image"
-
-
-def test_exactly_52_character_name_is_accepted_and_spec_is_frozen() -> None:
-    spec = make_spec(name="a" * 52)
-    assert spec.name == "a" * 52, "52 characters leave room for '-<index>-<5 random>' in pod names"
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        spec.workers = 8  # type: ignore[misc]
-
-
-def test_yaml_round_trips() -> None:
-    manifests = render_training_job(make_spec(service_account="trainer"))
-    text = to_yaml(manifests)
-    assert list(yaml.safe_load_all(text)) == manifests, "the YAML reads back as the same manifests"
-    assert text.count("\n---\n") + text.startswith("---\n") == 2, "two YAML documents"
-    assert not re.search(r"[&*]id\d", text), "no YAML anchors (shared labels are written in full)"
-
-
-def test_every_template_placeholder_is_bound() -> None:
-    documents = list(yaml.safe_load_all(k8s_job.template_text()))  # placeholders in values, not in comments
-    used = set(re.findall(r"\$\{([a-z_]+)\}", json.dumps(documents)))
-    known = set(k8s_job.template_values(make_spec()))
-    assert used == known, f"template and renderer agree: unbound {used - known}, unused {known - used}"
-    assert "${" not in to_yaml(render_training_job(make_spec())), "no placeholder survives rendering"
-
-
-def test_unknown_placeholder_in_a_custom_template_is_an_error() -> None:
-    with pytest.raises(ValueError, match=r"\$\{nope\}"):
-        render_training_job(make_spec(), template="kind: Service\nmetadata:\n  name: ${nope}\n")
-
-
-def test_cli_render_prints_the_manifests(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [
-        "render",
-        "--name",
-        "train-0412",
-        "--namespace",
-        "ml",
-        "--image",
-        "registry.example.com:5000/team/trainer:1.2.3",
-        "--workers",
-        "4",
-        "--gpus-per-worker",
-        "2",
-        "--cpu",
-        "8",
-        "--memory",
-        "32Gi",
-        "--params-path",
-        "/workspace/project/params.yaml",
-        "--pvc-name",
-        "training-workspace",
-        "--tracking-uri",
-        "https://mlflow.example.com",
-        "--secret-name",
-        "mlops-aws",
-    ]
-    assert k8s_job.main(argv) == 0, "render succeeds"
-    printed = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert printed == render_training_job(make_spec()), "the CLI prints the spec's manifests (job dir derived)"
-    argv[argv.index("--image") + 1] = "registry.example.com/trainer"
-    assert k8s_job.main(argv) == 2, "an untagged image is a usage error"
-    assert "image:" in capsys.readouterr().err, "the error names the image field"
-
-
-# ------------------------------------------------------------------------------------------ submit and wait
-
-
-class FakeApi:
-    """A scripted cluster: each ``job_status`` call returns the next status (or raises it)."""
-
-    def __init__(self, statuses: list[Any], existing: set[str] | None = None, pods: list[str] | None = None) -> None:
-        self.statuses = list(statuses)
-        self.existing = existing or set()
-        self.pods = pods or []
-        self.created: list[str] = []
-        self.deleted: list[str] = []
-        self.polls = 0
-
-    def create(self, manifest: Mapping[str, Any], namespace: str) -> bool:
-        key = f"{manifest['kind']}/{namespace}/{manifest['metadata']['name']}"
-        if key in self.existing:
-            return False
-        self.created.append(key)
-        return True
-
-    def job_status(self, name: str, namespace: str) -> Mapping[str, Any]:
-        self.polls += 1
-        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
-        if isinstance(status, Exception):
-            raise status
-        return dict(status)
-
-    def failed_pod_messages(self, job_name: str, namespace: str) -> list[str]:
-        return list(self.pods)
-
-    def delete_job(self, name: str, namespace: str) -> None:
-        self.deleted.append(f"{namespace}/{name}")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
-RUNNING = {"active": 4}
-COMPLETE = {"succeeded": 4, "conditions": [{"type": "Complete", "status": "True"}]}
-
-
-def wait(api: FakeApi, clock: FakeClock, **kwargs: Any) -> k8s_job.JobOutcome:
-    manifests = render_training_job(make_spec())
-    return submit_and_wait(
-        manifests, "ml", kwargs.pop("timeout_s", 600), 10, api, clock=clock, sleep=clock.sleep, **kwargs
-    )
-
-
-def test_wait_returns_when_the_job_completes() -> None:
-    api, clock = FakeApi([RUNNING, RUNNING, COMPLETE]), FakeClock()
-    outcome = wait(api, clock)
-    assert api.created == ["Service/ml/train-0412", "Job/ml/train-0412"], f"Service, then Job: {api.created}"
-    assert (outcome.created, outcome.succeeded, outcome.name) == (True, 4, "train-0412"), f"completed: {outcome}"
-    assert clock.sleeps == [10, 10], f"polled every poll_s until complete: {clock.sleeps}"
-    assert outcome.seconds == 20, f"elapsed time from the clock: {outcome.seconds}"
-
-
-def test_wait_raises_on_failure_with_the_job_and_pod_messages() -> None:
-    failed = {
-        "failed": 1,
-        "conditions": [
-            {
-                "type": "Failed",
-                "status": "True",
-                "reason": "PodFailurePolicy",
-                "message": "Container trainer for pod ml/train-0412-0-abcde failed with exit code 78",
-            }
-        ],
-    }
-    pod_line = "pod train-0412-0-abcde (worker 0): container trainer exited with code 78\n    error: no data version"
-    api, clock = FakeApi([RUNNING, failed], pods=[pod_line]), FakeClock()
-    with pytest.raises(JobFailedError) as caught:
-        wait(api, clock)
-    message = str(caught.value)
-    assert "PodFailurePolicy: Container trainer" in message, f"the Job's condition is reported: {message}"
-    assert "error: no data version" in message, f"the failed pod's last lines are reported: {message}"
-    assert not caught.value.retryable, "a user error is not retried"
-
-
-def test_backoff_limit_failure_is_retryable_and_failure_target_counts() -> None:
-    failing = {"conditions": [{"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded"}]}
-    with pytest.raises(JobFailedError, match="BackoffLimitExceeded") as caught:
-        wait(FakeApi([failing]), FakeClock())
-    assert caught.value.retryable, "a Job that ran out of group restarts may pass on another try"
-
-
-def test_wait_times_out_and_optionally_deletes_the_job() -> None:
-    api, clock = FakeApi([RUNNING]), FakeClock()
-    with pytest.raises(JobTimeoutError, match=r"not finished after 45 s.*kubectl delete job -n ml train-0412"):
-        wait(api, clock, timeout_s=45)
-    assert clock.now == 1045, f"waited exactly the timeout: {clock.now - 1000} s"
-    assert api.deleted == [], "the Job keeps running unless asked"
-    api = FakeApi([RUNNING])
-    with pytest.raises(JobTimeoutError, match="deleted it"):
-        wait(api, FakeClock(), timeout_s=45, delete_on_timeout=True)
-    assert api.deleted == ["ml/train-0412"], "delete_on_timeout deletes the Job"
-
-
-def test_existing_job_is_reattached_and_a_failed_one_is_reported_as_such() -> None:
-    existing = {"Service/ml/train-0412", "Job/ml/train-0412"}
-    outcome = wait(FakeApi([COMPLETE], existing=existing), FakeClock())
-    assert not outcome.created, "a retry waits for the Job it finds instead of failing on 'already exists'"
-    failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
-    with pytest.raises(JobFailedError, match="already failed before") as caught:
-        wait(FakeApi([failed], existing=existing), FakeClock())
-    assert not caught.value.retryable, "re-attaching to a failed Job would fail again"
-
-
-def test_transient_api_errors_are_waited_out_up_to_a_limit() -> None:
-    flaky = FakeApi([TransientApiError("HTTP 503"), TransientApiError("HTTP 503"), COMPLETE])
-    assert wait(flaky, FakeClock()).succeeded == 4, "two API errors in a row are waited out"
-    down = FakeApi([TransientApiError("HTTP 503")])
-    with pytest.raises(TransientApiError, match="4 API errors in a row"):
-        wait(down, FakeClock(), max_api_errors=3)
-
-
-def test_wait_checks_its_arguments() -> None:
-    manifests = render_training_job(make_spec())
-    with pytest.raises(ValueError, match="namespace"):
-        submit_and_wait(manifests, "other", 60, 5, FakeApi([COMPLETE]))
-    with pytest.raises(ValueError, match="exactly one Job"):
-        submit_and_wait(manifests[:1], "ml", 60, 5, FakeApi([COMPLETE]))
-    with pytest.raises(ValueError, match="positive"):
-        submit_and_wait(manifests, "ml", 0, 5, FakeApi([COMPLETE]))
-
-
-def test_without_the_kubernetes_package_submit_says_to_install_it() -> None:
-    try:
-        import kubernetes  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("the kubernetes package is installed here")
-    with pytest.raises(PipelineError, match="needs the `kubernetes` package"):
-        submit_and_wait(render_training_job(make_spec()), "ml", 60, 5)
-
-
-def test_job_state_reads_conditions() -> None:
-    state = k8s_job.job_state
-    assert state({})[0] == "running", "no condition: running"
-    assert state({"conditions": [{"type": "Failed", "status": "False"}]})[0] == "running", "False is not failed"
-    assert state({"conditions": [{"type": "SuccessCriteriaMet", "status": "True"}]})[0] == "succeeded", "success"
-    both = {"conditions": [{"type": "Complete", "status": "True"}, {"type": "Failed", "status": "True"}]}
-    assert state(both)[0] == "failed", "a failure wins over completion"
-
-
-def test_pod_failure_messages_read_termination_messages_and_evictions() -> None:
-    log = "\n".join(f"line {n}" for n in range(40))
-    pods: list[dict[str, Any]] = [
-        {
-            "metadata": {"name": "j-1-abc", "labels": {"batch.kubernetes.io/job-completion-index": "1"}},
-            "status": {
-                "phase": "Failed",
-                "containerStatuses": [
-                    {"name": "trainer", "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": log}}}
-                ],
-            },
-        },
-        {"metadata": {"name": "j-2-def"}, "status": {"phase": "Failed", "reason": "Evicted", "message": "low memory"}},
-        {"metadata": {"name": "j-0-ghi"}, "status": {"phase": "Running"}},
-    ]
-    messages = k8s_job.pod_failure_messages(pods, max_lines=3)
-    assert len(messages) == 2, f"one message per failed pod: {messages}"
-    assert messages[0].startswith("pod j-1-abc (worker 1): container trainer exited with code 1 (Error)"), messages[0]
-    assert messages[0].endswith("line 37\n    line 38\n    line 39"), f"the last lines of the log: {messages[0]}"
-    assert "line 36" not in messages[0], "only max_lines lines of the log"
-    assert "Evicted: low memory" in messages[1], f"a pod-level failure is reported: {messages[1]}"
-
-
-# ----------------------------------------------------------------------------------------- in the pods
-
-
-def worker_args(tmp_path: Path, workers: int = 3, wait_s: float = 0.0) -> argparse.Namespace:
-    argv = ["worker", "--params", str(tmp_path / "params.yaml"), "--job-dir", str(tmp_path / "job")]
-    argv += ["--workers", str(workers), "--job-name", "j", "--service", "j", "--namespace", "ml"]
-    argv += ["--job-file-wait", str(wait_s)]
+def worker_args(project_dir: Path, workers: int = 3, *extra: str) -> argparse.Namespace:
+    argv = ["worker", "--params", str(project_dir / "params.yaml"), "--job-id", "job", "--workers", str(workers)]
+    argv += ["--job-name", "j", "--service", "j", "--namespace", "ml", "--job-file-wait", "0", *extra]
     return k8s_job.build_parser().parse_args(argv)
 
 
 @pytest.fixture
 def project_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     write_params(tmp_path)
-    (tmp_path / "data.dvc").write_text(yaml.safe_dump({"outs": [{"md5": "ab" * 16 + ".dir", "path": "data"}]}))
+    (tmp_path / "data.dvc").write_text(yaml.safe_dump({"outs": [{"md5": DATA_VERSION + ".dir", "path": "data"}]}))
     # The worker sets TF_CONFIG in this process: setenv first so that monkeypatch removes it afterwards.
     monkeypatch.setenv("TF_CONFIG", "")
     monkeypatch.delenv("TF_CONFIG")
@@ -546,8 +423,6 @@ def project_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def trained(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Replace ``run_worker`` by a recorder of what it would have trained with."""
-    import os
-
     import pipelines.training.train
 
     calls: list[dict[str, Any]] = []
@@ -567,8 +442,9 @@ def test_chief_pod_writes_job_file_and_trains_with_its_tf_config(
     assert len(trained) == 1, "run_worker was called once"
     plan = plan_strategy(trained[0]["tf_config"], gpus=0)
     assert (plan.is_chief, plan.num_workers) == (True, 3), f"index 0 trains as the chief of 3: {plan}"
-    assert trained[0]["job"]["data_version"] == "ab" * 16, "job.json pins the project's data version"
+    assert trained[0]["job"]["data_version"] == DATA_VERSION, "job.json pins the project's data version"
     assert trained[0]["job"]["job_id"] == "job", "job.json names the training job by its folder, as the MLflow tag does"
+    assert (project_dir / "artifacts" / "training" / "job" / "job.json").is_file(), "the job dir is the project's"
 
 
 def test_other_pod_waits_for_the_chiefs_job_file(project_dir: Path, trained: list[dict[str, Any]]) -> None:
@@ -590,109 +466,23 @@ def test_pod_without_data_version_or_index_fails_the_job(project_dir: Path, trai
 
 
 def test_pod_of_a_finished_job_exits_at_once(project_dir: Path, trained: list[dict[str, Any]]) -> None:
-    (project_dir / "job").mkdir()
-    (project_dir / "job" / "result.json").write_text("{}")
+    job_dir = project_dir / "artifacts" / "training" / "job"
+    job_dir.mkdir(parents=True)
+    (job_dir / "result.json").write_text("{}")
     assert k8s_job.run_pod_worker(worker_args(project_dir), {"JOB_COMPLETION_INDEX": "1"}) == 0, "already done"
     assert not trained, "a finished job is never trained twice"
 
 
-# ------------------------------------------------------------- the kubernetes-client adapter, on a fake client
+def test_chief_checks_out_the_data_version_of_the_dag_run(
+    project_dir: Path, trained: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipelines.data.versioning
 
-
-class FakeApiError(Exception):
-    def __init__(self, status: int, reason: str = "") -> None:
-        super().__init__(f"({status}) {reason}")
-        self.status, self.reason, self.body = status, reason, "{}"
-
-
-class FakeConfigError(Exception):
-    pass
-
-
-def fake_kubernetes(monkeypatch: pytest.MonkeyPatch, statuses: list[Any], pods: list[dict[str, Any]]) -> list[str]:
-    """Install a stand-in for the ``kubernetes`` package; return the log of calls made to it."""
-    import sys
-    import types
-
-    calls: list[str] = []
-
-    class ApiClient:
-        def sanitize_for_serialization(self, value: Any) -> Any:
-            return value
-
-    class CoreV1Api:
-        def __init__(self, api_client: ApiClient) -> None:
-            pass
-
-        def create_namespaced_service(self, namespace: str, body: dict[str, Any]) -> None:
-            calls.append(f"create Service {namespace}/{body['metadata']['name']}")
-            raise FakeApiError(409, "AlreadyExists")
-
-        def list_namespaced_pod(self, namespace: str, label_selector: str) -> dict[str, Any]:
-            calls.append(f"list pods {label_selector}")
-            return {"items": pods}
-
-    class BatchV1Api:
-        def __init__(self, api_client: ApiClient) -> None:
-            pass
-
-        def create_namespaced_job(self, namespace: str, body: dict[str, Any]) -> None:
-            calls.append(f"create Job {namespace}/{body['metadata']['name']}")
-
-        def read_namespaced_job_status(self, name: str, namespace: str) -> Any:
-            status = statuses.pop(0)
-            if isinstance(status, Exception):
-                raise status
-            return types.SimpleNamespace(status=status)
-
-    def load_incluster_config() -> None:
-        raise FakeConfigError("not in a cluster")
-
-    def load_kube_config() -> None:
-        calls.append("kubeconfig")
-
-    root, client, config, exceptions = (
-        types.ModuleType(name)
-        for name in ("kubernetes", "kubernetes.client", "kubernetes.config", "kubernetes.client.exceptions")
+    checked_out: list[str] = []
+    monkeypatch.setattr(
+        pipelines.data.versioning, "checkout_data", lambda project, version: checked_out.append(version)
     )
-    exceptions.ApiException = FakeApiError  # type: ignore[attr-defined]
-    for attribute, value in {"ApiClient": ApiClient, "CoreV1Api": CoreV1Api, "BatchV1Api": BatchV1Api}.items():
-        setattr(client, attribute, value)
-    config.ConfigException = FakeConfigError  # type: ignore[attr-defined]
-    config.load_incluster_config = load_incluster_config  # type: ignore[attr-defined]
-    config.load_kube_config = load_kube_config  # type: ignore[attr-defined]
-    modules = {"kubernetes": root, "kubernetes.client": client, "kubernetes.config": config}
-    modules["kubernetes.client.exceptions"] = exceptions
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return calls
-
-
-def test_client_adapter_creates_polls_and_translates_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    statuses: list[Any] = [FakeApiError(503, "Service Unavailable"), RUNNING, COMPLETE]
-    calls = fake_kubernetes(monkeypatch, statuses, pods=[])
-    clock = FakeClock()
-    manifests = render_training_job(make_spec())
-    outcome = submit_and_wait(manifests, "ml", 600, 5, clock=clock, sleep=clock.sleep)
-    assert calls == ["kubeconfig", "create Service ml/train-0412", "create Job ml/train-0412"], f"calls: {calls}"
-    assert (outcome.created, outcome.succeeded) == (True, 4), "an existing Service is kept, the Job created"
-    assert clock.sleeps == [5, 5], "the HTTP 503 was waited out like a running Job"
-
-
-def test_client_adapter_reports_failed_pods(monkeypatch: pytest.MonkeyPatch) -> None:
-    failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
-    pod = {
-        "metadata": {"name": "train-0412-3-xyz", "labels": {"batch.kubernetes.io/job-completion-index": "3"}},
-        "status": {"containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 137}}}]},
-    }
-    calls = fake_kubernetes(monkeypatch, [failed], pods=[pod])
-    with pytest.raises(JobFailedError, match=r"worker 3\): container trainer exited with code 137"):
-        submit_and_wait(render_training_job(make_spec()), "ml", 600, 5)
-    assert "list pods batch.kubernetes.io/job-name=train-0412" in calls, f"pods found by job-name label: {calls}"
-
-
-def test_client_adapter_refuses_a_client_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_kubernetes(monkeypatch, [FakeApiError(403, "Forbidden")], pods=[])
-    with pytest.raises(PipelineError, match="read job ml/train-0412: HTTP 403 Forbidden") as caught:
-        submit_and_wait(render_training_job(make_spec()), "ml", 600, 5)
-    assert not isinstance(caught.value, TransientApiError), "a 403 is not waited out: RBAC needs fixing"
+    args = worker_args(project_dir, 3, "--data-version", "cd" * 16)
+    assert k8s_job.run_pod_worker(args, {"JOB_COMPLETION_INDEX": "0"}) == 0, "the chief trains"
+    assert checked_out == ["cd" * 16], "the PVC project was at another version: the run's is checked out first"
+    assert trained[0]["job"]["data_version"] == "cd" * 16, "job.json pins the DAG run's data version"
