@@ -15,18 +15,17 @@ evaluate -> gate -> register** (and **auto_promote** when the `auto_promote` par
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from pipelines.platform.orchestration import DEFAULT_ARGS, DVC_POOL, dag_config, load_project, run_step
+from pipelines.platform.orchestration import DEFAULT_ARGS, dag_config, load_project, run_step
+from pipelines.project import DVC_POOL
+from pipelines.training.backends import job_id_for_run, training_backend, training_queue
 
 CONFIG = dag_config()
 INCOMING_IMAGES = Asset(name="incoming_images", uri="mlops://incoming_images")
-TRAIN_QUEUE = os.environ.get("MLOPS_TRAIN_QUEUE", "default")
-TRAIN_BACKEND = os.environ.get("MLOPS_TRAIN_BACKEND", "local")  # local: launcher on this host; kubernetes
 SCHEDULE = (
     AssetOrTimeSchedule(timetable=CronTriggerTimetable(CONFIG.schedule.cron, timezone="UTC"), assets=INCOMING_IMAGES)
     if CONFIG.schedule.cron
@@ -59,21 +58,11 @@ def retrain() -> None:
         result = run_step(ingest_step, load_project(), source)
         return {"source": result.source, "images": result.images, **result.per_split}
 
-    @task(execution_timeout=timedelta(minutes=60))
+    @task(pool=DVC_POOL, execution_timeout=timedelta(minutes=60))
     def validate(ingested: dict[str, Any]) -> dict[str, Any]:
-        from pipelines.data.validate import format_report, validate_dataset
-        from pipelines.data.versioning import restore_workspace
-        from pipelines.errors import DataValidationError
+        from pipelines.data.validate import format_report, validate_or_restore
 
-        project = load_project()
-        try:
-            report = run_step(validate_dataset, project)
-        except Exception as error:
-            if isinstance(error.__cause__, DataValidationError):
-                # The rejected data must not linger in the workspace: back to the last versioned data.
-                restored = restore_workspace(project)
-                print(f"validation failed; data/ restored to data version {restored or '(none yet)'}")
-            raise
+        report = run_step(validate_or_restore, load_project())
         print(format_report(report))
         return {"images": report.images, "drift_checked": report.drift_checked}
 
@@ -93,25 +82,18 @@ def retrain() -> None:
         print(f"data version {result.version} ({'new' if result.is_new else 'unchanged'}), {result.files} files")
         return result.version
 
-    @task(queue=TRAIN_QUEUE, execution_timeout=timedelta(hours=3))
+    @task(queue=training_queue(), execution_timeout=timedelta(hours=3))
     def train(data_version: str) -> str:
         from pipelines.training.train import train as train_step
 
         context = get_current_context()
         project = load_project()
-        # The job id is stable across retries of this task, so a retry resumes from the checkpoint
-        # and a finished job is never trained (or logged) twice.
-        job_id = f"{context['dag'].dag_id}-{context['run_id']}"
-        if TRAIN_BACKEND == "kubernetes":
-            from pipelines.training.kubernetes import train_on_kubernetes
-
-            return run_step(train_on_kubernetes, project, job_id, context["ti"].try_number)
         result = run_step(
             train_step,
             project,
             data_version=data_version,
             workers=project.config.train.workers,
-            job_id=job_id,
+            job_id=job_id_for_run(context["dag"].dag_id, context["run_id"]),
             max_restarts=project.config.train.max_restarts,
         )
         return result.run_id
@@ -159,8 +141,21 @@ def retrain() -> None:
         result = run_step(promote, load_project(), model_version, reason, actor=triggering_user(context))
         return result.version
 
-    # Task outputs are XComArgs at parse time and values at run time, hence the type ignore.
-    auto_promote(register(gate(evaluate(train(version(augment(validate(ingest()))))))))  # type: ignore[arg-type]
+    # Task outputs are XComArgs here and values when the tasks run (mypy: arg-type is off for dags/).
+    ingested = ingest()
+    validated = validate(ingested)
+    augmented = augment(validated)
+    data_version = version(augmented)
+    if training_backend() == "kubernetes":
+        from pipelines.training.kubernetes import kubernetes_training
+
+        candidate_run = kubernetes_training(data_version)
+    else:
+        candidate_run = train(data_version)
+    evaluated_run = evaluate(candidate_run)
+    passed_run = gate(evaluated_run)
+    model_version = register(passed_run)
+    auto_promote(model_version)
 
 
 retrain()

@@ -31,9 +31,9 @@ def _ingest(project: Project, args: argparse.Namespace) -> None:
 
 
 def _validate(project: Project, args: argparse.Namespace) -> None:
-    from pipelines.data.validate import format_report, validate_dataset
+    from pipelines.data.validate import format_report, validate_or_restore
 
-    print(format_report(validate_dataset(project)))
+    print(format_report(validate_or_restore(project)))
 
 
 def _augment(project: Project, args: argparse.Namespace) -> None:
@@ -80,8 +80,14 @@ def _last_run_id(project: Project, given: str | None) -> str:
 
 
 def _train(project: Project, args: argparse.Namespace) -> None:
+    from pipelines.training.backends import training_backend
     from pipelines.training.train import train
 
+    if training_backend() == "kubernetes":
+        raise PipelineError(
+            "MLOPS_TRAIN_BACKEND=kubernetes: jobs across hosts are submitted by the retrain DAG (Airflow's "
+            "KubernetesJobOperator); `python -m pipelines.training.kubernetes render` prints the manifests"
+        )
     result = train(
         project,
         data_version=args.data_version,

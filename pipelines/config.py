@@ -106,7 +106,6 @@ class TrainConfig(_Section):
     learning_rate: float = Field(0.002, gt=0.0)
     seed: int = 1234
     use_augmented: bool = True
-    on_the_fly_augmentation: bool = False
     shuffle_buffer: int = Field(4096, ge=1)
     mixed_precision: Literal["auto", "off"] = "auto"
     workers: int = Field(1, ge=1, le=64)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,17 +29,12 @@ class TrackingError(PipelineError):
     retryable = True
 
 
-def mlflow_dir(project: Project) -> Path:
-    """The project-local MLflow folder used when no tracking server is configured."""
-    return project.root / "artifacts" / "mlflow"
-
-
 def tracking_uri(project: Project) -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else the project's SQLite store."""
     configured = os.environ.get(TRACKING_ENV, "").strip()
     if configured:
         return configured
-    return f"sqlite:///{mlflow_dir(project) / 'mlflow.db'}"
+    return f"sqlite:///{project.mlflow_dir / 'mlflow.db'}"
 
 
 def _is_local_default(project: Project) -> bool:
@@ -51,34 +45,41 @@ ATTEMPTS_ENV = "MLOPS_TRACKING_ATTEMPTS"
 BASE_DELAY_ENV = "MLOPS_TRACKING_BASE_DELAY"
 
 
-def with_retries(action: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None) -> T:
-    """Run ``action``; on a connection-type failure retry with exponential backoff, then raise TrackingError.
-
-    Defaults: 5 attempts from 1 s (``$MLOPS_TRACKING_ATTEMPTS``, ``$MLOPS_TRACKING_BASE_DELAY``).
-    """
+def _is_transient(error: BaseException) -> bool:
+    """A failure that waiting may cure: the server is unreachable, timed out or answered 502/503/504."""
     import requests
     from mlflow.exceptions import MlflowException
 
+    if isinstance(error, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError):
+        return True
+    if isinstance(error, MlflowException):
+        text = str(error)
+        return any(marker in text for marker in ("Connection", "Max retries", "503", "502", "504", "timed out"))
+    return False
+
+
+def with_retries(action: Callable[[], T], what: str, attempts: int | None = None, base_delay: float | None = None) -> T:
+    """Run ``action``; on a transient failure retry with exponential backoff, then raise :class:`TrackingError`.
+
+    Defaults: 5 attempts, waiting 1 s, 2 s, 4 s... (``$MLOPS_TRACKING_ATTEMPTS``, ``$MLOPS_TRACKING_BASE_DELAY``).
+    Any other error is raised at once.
+    """
+    import tenacity
+
     attempts = attempts or int(os.environ.get(ATTEMPTS_ENV, "5"))
     base_delay = base_delay if base_delay is not None else float(os.environ.get(BASE_DELAY_ENV, "1.0"))
-    delay = base_delay
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError) as error:
-            last: Exception = error
-        except MlflowException as error:
-            text = str(error)
-            transient = any(
-                marker in text for marker in ("Connection", "Max retries", "503", "502", "504", "timed out")
-            )
-            if not transient:
-                raise
-            last = error
-        if attempt < attempts:
-            time.sleep(delay)
-            delay *= 2
-    raise TrackingError(f"MLflow tracking server unreachable while trying to {what} ({attempts} attempts): {last}")
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential(multiplier=base_delay, exp_base=2, min=0),
+        retry=tenacity.retry_if_exception(_is_transient),
+    )
+    try:
+        return retrying(action)
+    except tenacity.RetryError as error:
+        last = error.last_attempt.exception()
+        raise TrackingError(
+            f"MLflow tracking server unreachable while trying to {what} ({attempts} attempts): {last}"
+        ) from None
 
 
 def connect(project: Project, experiment: str | None = None) -> str:
@@ -90,7 +91,7 @@ def connect(project: Project, experiment: str | None = None) -> str:
 
     uri = tracking_uri(project)
     if _is_local_default(project):
-        mlflow_dir(project).mkdir(parents=True, exist_ok=True)
+        project.mlflow_dir.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     name = experiment or project.config.registry.experiment
@@ -99,7 +100,7 @@ def connect(project: Project, experiment: str | None = None) -> str:
         found = mlflow.get_experiment_by_name(name)
         if found is not None:
             return str(found.experiment_id)
-        location = (mlflow_dir(project) / "artifacts" / name).as_uri() if _is_local_default(project) else None
+        location = (project.mlflow_dir / "artifacts" / name).as_uri() if _is_local_default(project) else None
         try:
             return str(mlflow.create_experiment(name, artifact_location=location))
         except Exception:

@@ -9,12 +9,13 @@ byte-for-byte reproducible.
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pipelines.errors import PipelineError
+from pipelines.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,12 @@ _INT_COLUMNS = ("width", "height", "channels", "bytes")
 def write_manifest(path: Path, rows: Iterable[ManifestRow], augmented: bool = False) -> None:
     """Write ``rows`` sorted by path to ``path`` atomically (temporary file, then rename)."""
     columns = AUGMENTED_COLUMNS if augmented else COLUMNS
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        for row in sorted(rows, key=lambda item: item.path):
-            writer.writerow({column: getattr(row, column) for column in columns})
-    os.replace(temporary, path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in sorted(rows, key=lambda item: item.path):
+        writer.writerow({column: getattr(row, column) for column in columns})
+    write_atomic(path, buffer.getvalue())
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:

@@ -114,7 +114,7 @@ def run_pipeline(project: Project) -> int:
     from pipelines.release.status import collect_status, format_status
 
     root = project.root
-    logs = root / "artifacts" / "logs"
+    logs = project.logs_dir
     logs.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     print(f"Airflow home {root / 'airflow_home'} (SQLite); preparing the metadata database", flush=True)
@@ -160,8 +160,9 @@ def start_ui(project: Project) -> int:
 
     env = prepare(project.root)
     bin_dir = Path(sys.executable).parent
-    mlflow_log = (project.root / "artifacts" / "logs" / "mlflow-ui.log").open("a")
-    airflow_log = (project.root / "artifacts" / "logs" / "airflow-standalone.log").open("a")
+    project.logs_dir.mkdir(parents=True, exist_ok=True)
+    mlflow_log = (project.logs_dir / "mlflow-ui.log").open("a")
+    airflow_log = (project.logs_dir / "airflow-standalone.log").open("a")
     mlflow_server = subprocess.Popen(
         [str(bin_dir / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(MLFLOW_PORT),
          "--backend-store-uri", tracking_uri(project)],

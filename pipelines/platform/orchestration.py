@@ -18,8 +18,6 @@ from pipelines.project import Project
 T = TypeVar("T")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DVC_POOL = "dvc"
-"""One-slot pool: the tasks that change the DVC-tracked workspace never overlap."""
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "mlops",

@@ -18,13 +18,12 @@ from typing import Any
 import numpy as np
 
 from pipelines.errors import PipelineError
-from pipelines.project import Project
+from pipelines.project import CHAMPION_ALIAS, Project
 from pipelines.release.gate import Verdict, evaluate_gate
 from pipelines.release.metrics import ClassificationMetrics, Comparison, compare_models
 
 COMPARISON_ARTIFACT = "evaluation/comparison.json"
 VERDICT_ARTIFACT = "evaluation/verdict.json"
-CHAMPION_ALIAS = "champion"
 
 
 class EvaluationError(PipelineError):
@@ -80,7 +79,7 @@ def _champion_metrics_from_run(run_id: str) -> ClassificationMetrics | None:
         text = mlflow.artifacts.load_text(f"runs:/{run_id}/{COMPARISON_ARTIFACT}")
     except Exception:
         return None
-    return Comparison.from_dict(json.loads(text)).candidate
+    return Comparison.model_validate(json.loads(text)).candidate
 
 
 def evaluate_candidate(project: Project, run_id: str) -> EvaluationResult:
@@ -122,7 +121,7 @@ def evaluate_candidate(project: Project, run_id: str) -> EvaluationResult:
         # gate's class-set check fails with both sets named.
         stored = _champion_metrics_from_run(champion.run_id)
         if stored is not None:
-            comparison = Comparison(comparison.candidate, stored, None, None)
+            comparison = Comparison(candidate=comparison.candidate, champion=stored)
 
     metrics = {f"test_{name}": value for name, value in comparison.candidate.as_flat_dict().items()}
     if comparison.champion is not None and comparison.mcnemar is not None:
@@ -136,7 +135,7 @@ def evaluate_candidate(project: Project, run_id: str) -> EvaluationResult:
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(metrics)
         mlflow.set_tag("evaluated_against", champion_label or "none")
-        mlflow.log_dict(comparison.to_dict(), COMPARISON_ARTIFACT)
+        mlflow.log_dict(comparison.model_dump(mode="json"), COMPARISON_ARTIFACT)
         log_classification_artifacts(comparison.candidate, classes, prefix="test")
     return EvaluationResult(
         run_id=run_id,
@@ -155,7 +154,7 @@ def load_comparison(run_id: str) -> Comparison:
         text = mlflow.artifacts.load_text(f"runs:/{run_id}/{COMPARISON_ARTIFACT}")
     except Exception as error:
         raise EvaluationError(f"run {run_id}: no evaluation found (run `mlops evaluate` first): {error}") from None
-    return Comparison.from_dict(json.loads(text))
+    return Comparison.model_validate(json.loads(text))
 
 
 def gate_candidate(project: Project, run_id: str) -> Verdict:
@@ -172,7 +171,7 @@ def gate_candidate(project: Project, run_id: str) -> Verdict:
     verdict = evaluate_gate(comparison.candidate, comparison.champion, project.config.gate, champion_label=label)
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tags(verdict.as_tags())
-        mlflow.log_dict(verdict.to_dict(), VERDICT_ARTIFACT)
+        mlflow.log_dict(verdict.model_dump(mode="json"), VERDICT_ARTIFACT)
     return verdict
 
 
@@ -184,4 +183,4 @@ def load_verdict(run_id: str) -> Verdict | None:
         text = mlflow.artifacts.load_text(f"runs:/{run_id}/{VERDICT_ARTIFACT}")
     except Exception:
         return None
-    return Verdict.from_dict(json.loads(text))
+    return Verdict.model_validate(json.loads(text))

@@ -9,16 +9,16 @@ Two kinds of thresholds, as in TFX's evaluator (``gate`` in params.yaml):
 The first model (no champion) passes on value thresholds alone, and its verdict says so. A champion
 scored on a different set of classes cannot be compared: the verdict fails on a ``class_set`` check.
 
-Pure functions over :class:`~pipelines.release.metrics.ClassificationMetrics`: the verdict is a frozen value
-that round-trips through JSON, becomes MLflow run tags, and prints as a table for the CLI and logs.
+Pure functions over :class:`~pipelines.release.metrics.ClassificationMetrics`: the verdict is a frozen
+pydantic model that round-trips through JSON (``model_dump(mode="json")``, ``model_validate``), becomes
+MLflow run tags, and prints as a table for the CLI and logs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipelines.config import GateConfig
 from pipelines.release.metrics import ClassificationMetrics
@@ -32,63 +32,43 @@ NO_CHAMPION_NOTE = "none: first model, value thresholds only"
 CLASS_SET_CHECK = "class_set"
 
 
-@dataclass(frozen=True)
-class Check:
+class Check(BaseModel):
     """One threshold: the value measured, the threshold it had to reach, the champion's value if any.
 
     Every check passes when ``value >= threshold`` (within :data:`FLOAT_TOLERANCE`); ``description``
     says in words what was compared and, on failure, what failed.
     """
 
+    # Strict, like Verdict: a stored "value": "0.9" is refused, not coerced.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
     name: str
     passed: bool
     value: float
     threshold: float
-    baseline: float | None
+    baseline: float | None = None
     description: str
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable form."""
-        return {
-            "name": self.name,
-            "passed": self.passed,
-            "value": self.value,
-            "threshold": self.threshold,
-            "baseline": self.baseline,
-            "description": self.description,
-        }
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Check:
-        """The inverse of :meth:`to_dict`; raises :class:`ValueError` on a missing or mistyped field."""
-        name = _field(data, "name", str, "check")
-        where = f"check {name!r}"
-        baseline = data.get("baseline")
-        return cls(
-            name=name,
-            passed=_field(data, "passed", bool, where),
-            value=_number(data, "value", where),
-            threshold=_number(data, "threshold", where),
-            baseline=None if baseline is None else _number(data, "baseline", where),
-            description=_field(data, "description", str, where),
-        )
-
-
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(BaseModel):
     """The gate's decision: it passed when every check passed.
 
     ``note`` names the baseline: :data:`NO_CHAMPION_NOTE` for a first model, else the champion.
-    Construction refuses a verdict whose ``passed`` disagrees with its checks, so a verdict read back
-    from JSON cannot claim a pass its checks do not support.
+    Validation refuses a verdict without checks, with two checks of one name, or whose ``passed``
+    disagrees with its checks, so a verdict read back from JSON cannot claim a pass its checks do not
+    support.
     """
 
+    # Strict: a stored "passed": "yes" is refused, not coerced to True.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
     passed: bool
-    checks: tuple[Check, ...]
     has_champion: bool
     note: str
+    checks: tuple[Check, ...] = Field(strict=False)  # a JSON array is a list; each Check stays strict
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Verdict:
         if not self.checks:
             raise ValueError("a verdict needs at least one check")
         names = [check.name for check in self.checks]
@@ -96,33 +76,12 @@ class Verdict:
             raise ValueError(f"verdict check names must be unique, got {names}")
         if self.passed != all(check.passed for check in self.checks):
             raise ValueError(f"verdict says passed={self.passed} but its checks say otherwise")
+        return self
 
     @property
     def failing_checks(self) -> tuple[Check, ...]:
         """The checks that failed, in order."""
         return tuple(check for check in self.checks if not check.passed)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable form (see :meth:`from_dict`)."""
-        return {
-            "passed": self.passed,
-            "has_champion": self.has_champion,
-            "note": self.note,
-            "checks": [check.to_dict() for check in self.checks],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Verdict:
-        """The inverse of :meth:`to_dict`; raises :class:`ValueError` on malformed or inconsistent data."""
-        checks = data.get("checks")
-        if not isinstance(checks, list):
-            raise ValueError("verdict: 'checks' must be a list")
-        return cls(
-            passed=_field(data, "passed", bool, "verdict"),
-            checks=tuple(Check.from_dict(check) for check in checks),
-            has_champion=_field(data, "has_champion", bool, "verdict"),
-            note=_field(data, "note", str, "verdict"),
-        )
 
     def as_tags(self) -> dict[str, str]:
         """MLflow run tags: ``gate`` (``passed``/``failed``), ``gate.baseline``, and ``gate.<check>``.
@@ -175,20 +134,6 @@ class Verdict:
         else:
             lines.append("GATE FAILED: " + ", ".join(check.name for check in self.failing_checks))
         return "\n".join(lines)
-
-
-def _field(data: Mapping[str, Any], key: str, kind: type[Any], where: str) -> Any:
-    value = data.get(key)
-    if not isinstance(value, kind):
-        raise ValueError(f"{where}: {key!r} must be of type {kind.__name__}, got {value!r}")
-    return value
-
-
-def _number(data: Mapping[str, Any], key: str, where: str) -> float:
-    value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{where}: {key!r} must be a number, got {value!r}")
-    return float(value)
 
 
 def _number_text(value: float) -> str:

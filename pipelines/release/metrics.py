@@ -4,24 +4,29 @@ Pure functions over numpy arrays (no TensorFlow, no MLflow), so the evaluate ste
 tests all compute the same numbers:
 
 * :func:`classification_metrics` – accuracy, macro F1, log loss, per-class precision/recall/F1/support
-  and the confusion matrix of one model, from its class probabilities;
-* :func:`mcnemar_exact` – the exact McNemar test on the paired correctness of two models;
+  and the confusion matrix of one model, from its class probabilities (scikit-learn's metrics);
+* :func:`mcnemar_exact` – the exact McNemar test on the paired correctness of two models (SciPy's binomial test);
 * :func:`bootstrap_accuracy_difference` – a seeded paired-bootstrap interval of the accuracy difference;
 * :func:`compare_models` – all of the above for a candidate and, when there is one, the champion.
 
 Classes are always indexed ``0..k-1`` in the order of ``class_names``, also when a class is absent from
 the test split, so metric names and confusion matrices line up from run to run.
+
+The results are frozen pydantic models: ``model_dump(mode="json")`` gives the documents logged to MLflow
+(``evaluation/comparison.json``) and ``model_validate`` reads them back, raising :class:`ValueError`
+(pydantic's ``ValidationError``) on a malformed document.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from pipelines.config import EvaluateConfig
 
@@ -38,38 +43,27 @@ IntArray = NDArray[np.integer[Any]]
 FloatArray = NDArray[np.floating[Any]]
 
 
-@dataclass(frozen=True)
-class ClassMetrics:
+class ClassMetrics(BaseModel):
     """Precision, recall and F1 of one class, and its support (examples of that class in the split)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     precision: float
     recall: float
     f1: float
     support: int
 
-    def to_dict(self) -> dict[str, float | int]:
-        """A JSON-serialisable form."""
-        return {"precision": self.precision, "recall": self.recall, "f1": self.f1, "support": self.support}
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ClassMetrics:
-        """The inverse of :meth:`to_dict`."""
-        return cls(
-            precision=float(data["precision"]),
-            recall=float(data["recall"]),
-            f1=float(data["f1"]),
-            support=int(data["support"]),
-        )
-
-
-@dataclass(frozen=True)
-class ClassificationMetrics:
+class ClassificationMetrics(BaseModel):
     """The scores of one model on one labelled split.
 
-    ``per_class`` is keyed by class name, in the order of ``class_names``. ``confusion_matrix[i][j]``
-    counts examples of true class ``i`` predicted as class ``j``. Precision, recall and F1 of a class
-    with no predicted (or no true) examples are 0, and macro F1 averages over all ``k`` classes.
+    ``per_class`` is keyed by class name, in the order of ``class_names``, with exactly one entry per class.
+    ``confusion_matrix[i][j]`` counts examples of true class ``i`` predicted as class ``j``. Precision,
+    recall and F1 of a class with no predicted (or no true) examples are 0, and macro F1 averages over
+    all ``k`` classes.
     """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     class_names: tuple[str, ...]
     accuracy: float
@@ -78,6 +72,16 @@ class ClassificationMetrics:
     per_class: dict[str, ClassMetrics]
     confusion_matrix: list[list[int]]
     n: int
+
+    @model_validator(mode="after")
+    def _check_per_class(self) -> ClassificationMetrics:
+        missing = [name for name in self.class_names if name not in self.per_class]
+        if missing:
+            raise ValueError(f"metrics: per_class has no entry for classes {missing}")
+        unknown = [name for name in self.per_class if name not in self.class_names]
+        if unknown:
+            raise ValueError(f"metrics: per_class has entries for unknown classes {unknown}")
+        return self
 
     def as_flat_dict(self) -> dict[str, float]:
         """Metrics under stable names for MLflow, so runs line up in its compare view.
@@ -100,65 +104,28 @@ class ClassificationMetrics:
             flat[f"f1_{safe}"] = scores.f1
         return flat
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable form (see :meth:`from_dict`)."""
-        return {
-            "class_names": list(self.class_names),
-            "accuracy": self.accuracy,
-            "macro_f1": self.macro_f1,
-            "log_loss": self.log_loss,
-            "per_class": {name: self.per_class[name].to_dict() for name in self.class_names},
-            "confusion_matrix": [list(row) for row in self.confusion_matrix],
-            "n": self.n,
-        }
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ClassificationMetrics:
-        """The inverse of :meth:`to_dict`; raises :class:`ValueError` when a class's scores are missing."""
-        class_names = tuple(str(name) for name in data["class_names"])
-        per_class_data = data["per_class"]
-        missing = [name for name in class_names if name not in per_class_data]
-        if missing:
-            raise ValueError(f"metrics: per_class has no entry for classes {missing}")
-        return cls(
-            class_names=class_names,
-            accuracy=float(data["accuracy"]),
-            macro_f1=float(data["macro_f1"]),
-            log_loss=float(data["log_loss"]),
-            per_class={name: ClassMetrics.from_dict(per_class_data[name]) for name in class_names},
-            confusion_matrix=[[int(count) for count in row] for row in data["confusion_matrix"]],
-            n=int(data["n"]),
-        )
-
-
-@dataclass(frozen=True)
-class McNemarResult:
+class McNemarResult(BaseModel):
     """The exact McNemar test: ``b`` examples only the candidate got right, ``c`` only the champion did.
 
     ``p_value`` is two-sided, from the binomial distribution of ``b`` among ``b + c`` discordant pairs.
     """
 
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     b: int
     c: int
     p_value: float
 
-    def to_dict(self) -> dict[str, float | int]:
-        """A JSON-serialisable form."""
-        return {"b": self.b, "c": self.c, "p_value": self.p_value}
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> McNemarResult:
-        """The inverse of :meth:`to_dict`."""
-        return cls(b=int(data["b"]), c=int(data["c"]), p_value=float(data["p_value"]))
-
-
-@dataclass(frozen=True)
-class BootstrapInterval:
+class BootstrapInterval(BaseModel):
     """A paired-bootstrap percentile interval of candidate accuracy minus champion accuracy.
 
     ``mean_difference`` is the observed difference on the full split; ``low`` and ``high`` bound the
     central ``confidence`` share of the ``samples`` bootstrap differences.
     """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     mean_difference: float
     low: float
@@ -166,56 +133,19 @@ class BootstrapInterval:
     samples: int
     confidence: float = 0.95
 
-    def to_dict(self) -> dict[str, float | int]:
-        """A JSON-serialisable form."""
-        return {
-            "mean_difference": self.mean_difference,
-            "low": self.low,
-            "high": self.high,
-            "samples": self.samples,
-            "confidence": self.confidence,
-        }
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BootstrapInterval:
-        """The inverse of :meth:`to_dict`."""
-        return cls(
-            mean_difference=float(data["mean_difference"]),
-            low=float(data["low"]),
-            high=float(data["high"]),
-            samples=int(data["samples"]),
-            confidence=float(data.get("confidence", 0.95)),
-        )
+class Comparison(BaseModel):
+    """The candidate's metrics and, when a champion exists, its metrics and the paired statistics.
 
+    Absent parts are ``None`` (``null`` in JSON, and may be left out of a document).
+    """
 
-@dataclass(frozen=True)
-class Comparison:
-    """The candidate's metrics and, when a champion exists, its metrics and the paired statistics."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     candidate: ClassificationMetrics
-    champion: ClassificationMetrics | None
-    mcnemar: McNemarResult | None
-    bootstrap: BootstrapInterval | None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable form (see :meth:`from_dict`); absent parts are ``None``."""
-        return {
-            "candidate": self.candidate.to_dict(),
-            "champion": self.champion.to_dict() if self.champion is not None else None,
-            "mcnemar": self.mcnemar.to_dict() if self.mcnemar is not None else None,
-            "bootstrap": self.bootstrap.to_dict() if self.bootstrap is not None else None,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Comparison:
-        """The inverse of :meth:`to_dict`."""
-        champion, mcnemar, bootstrap = data.get("champion"), data.get("mcnemar"), data.get("bootstrap")
-        return cls(
-            candidate=ClassificationMetrics.from_dict(data["candidate"]),
-            champion=ClassificationMetrics.from_dict(champion) if champion is not None else None,
-            mcnemar=McNemarResult.from_dict(mcnemar) if mcnemar is not None else None,
-            bootstrap=BootstrapInterval.from_dict(bootstrap) if bootstrap is not None else None,
-        )
+    champion: ClassificationMetrics | None = None
+    mcnemar: McNemarResult | None = None
+    bootstrap: BootstrapInterval | None = None
 
 
 def _labels(y_true: IntArray, k: int) -> NDArray[np.intp]:
@@ -246,23 +176,18 @@ def _probabilities(probabilities: FloatArray, n: int, k: int) -> NDArray[np.floa
     return array
 
 
-def _ratio(numerator: NDArray[np.int64], denominator: NDArray[np.int64]) -> NDArray[np.float64]:
-    """``numerator / denominator`` element-wise, 0 where the denominator is 0."""
-    result = np.zeros(numerator.shape, dtype=np.float64)
-    np.divide(numerator, denominator, out=result, where=denominator > 0)
-    return result
-
-
 def classification_metrics(
     y_true: IntArray, probabilities: FloatArray, class_names: Sequence[str]
 ) -> ClassificationMetrics:
-    """Score one model from its class probabilities.
+    """Score one model from its class probabilities, with scikit-learn's metrics.
 
     ``y_true`` holds ``n`` class indices into ``class_names``; ``probabilities`` has shape ``(n, k)`` with
     ``k = len(class_names)`` and rows summing to 1. The prediction is the most probable class (the first
     on ties). Log loss clips probabilities to ``[1e-15, 1]``, so a zero probability on the true class costs
     ``-log(1e-15) ≈ 34.5`` instead of infinity. Raises :class:`ValueError` on inconsistent inputs.
     """
+    from sklearn import metrics as sklearn_metrics  # sklearn.metrics takes about a second to import
+
     names = tuple(class_names)
     k = len(names)
     if k < 2:
@@ -274,20 +199,22 @@ def classification_metrics(
     probs = _probabilities(probabilities, n, k)
 
     predicted = np.argmax(probs, axis=1)
-    confusion = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k).astype(np.int64)
-    true_positives = np.diag(confusion)
-    support = confusion.sum(axis=1)
-    precision = _ratio(true_positives, confusion.sum(axis=0))
-    recall = _ratio(true_positives, support)
-    f1 = np.zeros(k, dtype=np.float64)
-    np.divide(2 * precision * recall, precision + recall, out=f1, where=(precision + recall) > 0)
-
-    true_class_probability = np.clip(probs[np.arange(n), labels], LOG_LOSS_EPSILON, 1.0)
+    indices = range(k)
+    precision, recall, f1, support = sklearn_metrics.precision_recall_fscore_support(
+        labels, predicted, labels=indices, zero_division=0
+    )
+    macro_f1 = sklearn_metrics.f1_score(labels, predicted, average="macro", labels=indices, zero_division=0)
+    confusion = sklearn_metrics.confusion_matrix(labels, predicted, labels=indices)
+    with warnings.catch_warnings():
+        # Rows were checked against PROBABILITY_SUM_TOLERANCE above; scikit-learn's far tighter check
+        # would warn on every float32 softmax output.
+        warnings.filterwarnings("ignore", message="The y_prob values do not sum to one", category=UserWarning)
+        loss = sklearn_metrics.log_loss(labels, np.clip(probs, LOG_LOSS_EPSILON, 1.0), labels=indices)
     return ClassificationMetrics(
         class_names=names,
-        accuracy=float(true_positives.sum() / n),
-        macro_f1=float(f1.mean()),
-        log_loss=float(-np.mean(np.log(true_class_probability))),
+        accuracy=float(sklearn_metrics.accuracy_score(labels, predicted)),
+        macro_f1=float(macro_f1),
+        log_loss=float(loss),
         per_class={
             name: ClassMetrics(
                 precision=float(precision[i]), recall=float(recall[i]), f1=float(f1[i]), support=int(support[i])
@@ -323,19 +250,18 @@ def mcnemar_exact(candidate_correct: BoolArray, champion_correct: BoolArray) -> 
     """The exact (binomial) McNemar test of two models scored on the same examples.
 
     ``b`` counts examples the candidate got right and the champion wrong, ``c`` the reverse. Under the
-    null hypothesis of equal accuracy ``b ~ Binomial(b + c, 1/2)``; the two-sided p-value is
-    ``min(1, 2 * P(X <= min(b, c)))``, and 1 when there are no discordant pairs. Raises
-    :class:`ValueError` when the arrays differ in shape.
+    null hypothesis of equal accuracy ``b ~ Binomial(b + c, 1/2)``; the p-value is that of SciPy's
+    two-sided ``binomtest(b, b + c, 0.5)`` (equal to ``min(1, 2 * P(X <= min(b, c)))``), and 1 when there
+    are no discordant pairs. Raises :class:`ValueError` when the arrays differ in shape.
     """
-    from scipy.stats import binom  # scipy.stats takes about half a second to import
+    from scipy.stats import binomtest  # scipy.stats takes about half a second to import
 
     candidate, champion = _paired_correct(candidate_correct, champion_correct)
     b = int(np.count_nonzero(candidate & ~champion))
     c = int(np.count_nonzero(~candidate & champion))
     if b + c == 0:
         return McNemarResult(b=b, c=c, p_value=1.0)
-    p_value = min(1.0, 2.0 * float(binom.cdf(min(b, c), b + c, 0.5)))
-    return McNemarResult(b=b, c=c, p_value=p_value)
+    return McNemarResult(b=b, c=c, p_value=float(binomtest(b, b + c, 0.5).pvalue))
 
 
 def bootstrap_accuracy_difference(

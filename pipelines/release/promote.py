@@ -28,10 +28,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipelines.errors import PipelineError
-from pipelines.project import Project
+from pipelines.files import write_atomic
+from pipelines.project import CHALLENGER_ALIAS, CHAMPION_ALIAS, Project
 
-CHAMPION_ALIAS = "champion"
-CHALLENGER_ALIAS = "challenger"
 HISTORY_TAG_PREFIX = "champion_history."
 PROFILE_ARTIFACT = "data/profile.json"
 
@@ -244,7 +243,6 @@ def set_champion(
 
 def _install_reference_profile(project: Project, client: Any, version: str) -> None:
     """Make the champion's training-data profile the reference for drift checks."""
-    import shutil
     import tempfile
     from pathlib import Path
 
@@ -253,11 +251,7 @@ def _install_reference_profile(project: Project, client: Any, version: str) -> N
     try:
         with tempfile.TemporaryDirectory() as folder:
             downloaded = client.download_artifacts(run_id, PROFILE_ARTIFACT, folder)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            handle, staged = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-            os.close(handle)
-            shutil.copyfile(Path(downloaded), staged)
-            os.replace(staged, target)
+            write_atomic(target, Path(downloaded).read_bytes())
     except Exception as error:  # a model without a logged profile simply disables the drift check
         print(f"note: no data profile logged with version {version}; drift reference unchanged ({error})")
 

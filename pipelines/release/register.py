@@ -7,16 +7,15 @@ left unchanged. Registering the same run twice returns the version registered th
 
 from __future__ import annotations
 
-import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from pipelines.errors import PipelineError
-from pipelines.project import Project
+from pipelines.files import exclusive_lock
+from pipelines.project import CHALLENGER_ALIAS, Project
 
-CHALLENGER_ALIAS = "challenger"
 TRACED_RUN_TAGS = ("data_version", "git_commit", "dataset", "classes", "airflow.dag_id", "airflow.run_id")
 
 
@@ -37,14 +36,8 @@ class RegistrationResult:
 @contextmanager
 def registry_lock(project: Project) -> Iterator[None]:
     """Serialise check-then-create on this host, so one run never becomes two versions."""
-    path = project.root / "artifacts" / "registry.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(project.registry_lock_path, timeout=600.0, what="a registry change"):
+        yield
 
 
 def versions_of_run(client: Any, model_name: str, run_id: str) -> list[Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.project import Project
+from pipelines.project import CHALLENGER_ALIAS, CHAMPION_ALIAS, Project
 
 RECENT_RUNS = 5
 
@@ -48,8 +48,8 @@ def collect_status(project: Project) -> dict[str, Any]:
     runs = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=RECENT_RUNS)
     return {
         "model": name,
-        "champion": _version_summary(client, name, "champion"),
-        "challenger": _version_summary(client, name, "challenger"),
+        CHAMPION_ALIAS: _version_summary(client, name, CHAMPION_ALIAS),
+        CHALLENGER_ALIAS: _version_summary(client, name, CHALLENGER_ALIAS),
         "recent_runs": [
             {
                 "run_id": run.info.run_id,
@@ -73,7 +73,7 @@ def _metric(value: float | None) -> str:
 def format_status(status: dict[str, Any]) -> str:
     """A readable multi-line rendering of :func:`collect_status`."""
     lines = [f"model {status['model']}"]
-    for alias in ("champion", "challenger"):
+    for alias in (CHAMPION_ALIAS, CHALLENGER_ALIAS):
         item = status[alias]
         if item is None:
             lines.append(f"  {alias:<10} none")

@@ -1,4 +1,4 @@
-"""Keras callbacks of the training workers: a progress log every worker keeps, and the chief's MLflow logger.
+"""The Keras callback every training worker keeps: a per-epoch progress log (MLflow logging is MLflow's callback).
 
 This module imports tf-keras at the top: import it only inside a training worker.
 """
@@ -54,13 +54,3 @@ class ProgressLog(tf_keras.callbacks.Callback):  # type: ignore[misc]
         timed = self.epoch_seconds[1:] or self.epoch_seconds
         total = sum(timed)
         return self.samples_per_epoch * len(timed) / total if total > 0 else 0.0
-
-
-class MlflowEpochLogger(tf_keras.callbacks.Callback):  # type: ignore[misc]
-    """Log every epoch's metrics to the active MLflow run, with the epoch as the step."""
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        """Send this epoch's metrics."""
-        import mlflow
-
-        mlflow.log_metrics({key: float(value) for key, value in (logs or {}).items()}, step=epoch)

@@ -82,7 +82,6 @@ def make_dataset(
     shuffle_buffer: int = 4096,
     num_shards: int = 1,
     shard_index: int = 0,
-    augment: bool = False,
 ) -> Any:
     """A batched ``tf.data.Dataset`` of (image, label) for one worker's shard of ``files``.
 
@@ -104,25 +103,8 @@ def make_dataset(
     if training:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     dataset = dataset.batch(batch_size, drop_remainder=training)
-    if training and augment:
-        augmenter = _on_the_fly_augmenter(seed)
-        dataset = dataset.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=autotune)
     options = tf.data.Options()
     # Sharding is done above, by file name; Keras must not shard again.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     options.deterministic = True
     return dataset.with_options(options).prefetch(autotune)
-
-
-def _on_the_fly_augmenter(seed: int) -> Any:
-    import tf_keras
-
-    layers = tf_keras.layers
-    return tf_keras.Sequential(
-        [
-            layers.RandomRotation(0.03, fill_mode="constant", seed=seed),
-            layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=seed + 1),
-            layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
-        ],
-        name="on_the_fly_augmentation",
-    )

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from pipelines.errors import PipelineError
+from pipelines.files import write_json_atomic
 
 WORKERS_FILE = "workers.json"
 STOP_GRACE_SECONDS = 10.0
@@ -157,9 +158,7 @@ def run_workers(
 
 def _write_workers_file(job_dir: Path, attempt: int, ports: list[int], processes: list[subprocess.Popen[str]]) -> None:
     payload = {"attempt": attempt, "ports": ports, "pids": [process.pid for process in processes]}
-    staged = job_dir / f".{WORKERS_FILE}.tmp"
-    staged.write_text(json.dumps(payload) + "\n", encoding="utf-8")
-    os.replace(staged, job_dir / WORKERS_FILE)
+    write_json_atomic(job_dir / WORKERS_FILE, payload)
 
 
 def _wait_for_first_failure(processes: list[subprocess.Popen[str]]) -> tuple[int, int] | None:

@@ -63,22 +63,16 @@ def log_training_curves(job_dir: Path) -> None:
 def log_classification_artifacts(metrics: ClassificationMetrics, classes: Sequence[str], prefix: str) -> None:
     """Log a confusion-matrix picture and a per-class precision/recall/F1 table to the active run."""
     import mlflow
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     plt = _pyplot()
-    matrix = metrics.confusion_matrix
     figure, axis = plt.subplots(figsize=(6, 5))
-    image = axis.imshow(matrix, cmap="Blues")
-    axis.set_xticks(range(len(classes)), labels=list(classes))
-    axis.set_yticks(range(len(classes)), labels=list(classes))
+    display = ConfusionMatrixDisplay(np.asarray(metrics.confusion_matrix), display_labels=list(classes))
+    display.plot(ax=axis, cmap="Blues", values_format="d", text_kw={"fontsize": 8})
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     axis.set_title(f"{prefix} confusion matrix (accuracy {metrics.accuracy:.3f})")
-    peak = max((max(row) for row in matrix), default=0)
-    for row_index, row in enumerate(matrix):
-        for column_index, count in enumerate(row):
-            colour = "white" if count > peak / 2 else "black"
-            axis.text(column_index, row_index, str(count), ha="center", va="center", color=colour, fontsize=8)
-    figure.colorbar(image)
     figure.tight_layout()
     mlflow.log_figure(figure, f"{prefix}_confusion_matrix.png")
     plt.close(figure)

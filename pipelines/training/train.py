@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import PipelineError
+from pipelines.files import write_json_atomic
 from pipelines.project import Project
 
 if TYPE_CHECKING:
@@ -57,14 +58,10 @@ class TrainResult:
     job_dir: str
 
 
-LAST_TRAIN_FILE = "last_train.json"
-
-
 def last_run_id(project: Project) -> str:
     """The MLflow run id of the last training job finished in this project, or ``""``."""
-    path = project.root / "artifacts" / LAST_TRAIN_FILE
     try:
-        return str(json.loads(path.read_text(encoding="utf-8"))["run_id"])
+        return str(json.loads(project.last_train_path.read_text(encoding="utf-8"))["run_id"])
     except (OSError, ValueError, KeyError):
         return ""
 
@@ -72,7 +69,7 @@ def last_run_id(project: Project) -> str:
 def job_dir_for(project: Project, job_id: str) -> Path:
     """The folder of training job ``job_id``: checkpoints, progress, result."""
     safe = "".join(char if char.isalnum() or char in "-_." else "_" for char in job_id)
-    return project.root / "artifacts" / "training" / safe
+    return project.training_dir / safe
 
 
 def train(
@@ -116,7 +113,7 @@ def train(
     if not job_file.exists():
         run_name = f"{project.config.dataset.name}-{workspace_version[:8]}-{now:%Y%m%d-%H%M%S}"
         spec = {"data_version": workspace_version, "run_name": run_name, "job_id": job_id}
-        _write_json_atomic(job_file, spec)
+        write_json_atomic(job_file, spec)
 
     if workers == 1:
         run_worker(project, job_dir)
@@ -127,7 +124,7 @@ def train(
     result = _read_result(job_dir)
     if result is None:
         raise TrainingError(f"{job_dir}: training ended without a result from the chief")
-    _write_json_atomic(project.root / "artifacts" / LAST_TRAIN_FILE, asdict(result))
+    write_json_atomic(project.last_train_path, asdict(result))
     return result
 
 
@@ -138,19 +135,13 @@ def _read_result(job_dir: Path) -> TrainResult | None:
     return TrainResult(**json.loads(path.read_text(encoding="utf-8")))
 
 
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staged.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(staged, path)
-
-
 def run_worker(project: Project, job_dir: Path) -> None:
     """Train as one worker of the cluster in ``$TF_CONFIG`` (or alone), resuming from ``job_dir``'s backup."""
     import tensorflow as tf
     import tf_keras
 
     from models.architectures import build_model
-    from pipelines.training.callbacks import MlflowEpochLogger, ProgressLog
+    from pipelines.training.callbacks import ProgressLog
     from pipelines.training.inputs import input_shape, make_dataset, split_files
     from pipelines.training.strategy import build_strategy, current_plan
 
@@ -181,7 +172,6 @@ def run_worker(project: Project, job_dir: Path) -> None:
                 shuffle_buffer=config.train.shuffle_buffer,
                 num_shards=context.num_input_pipelines,
                 shard_index=context.input_pipeline_id,
-                augment=training and config.train.on_the_fly_augmentation,
             ).repeat()
 
         return strategy.distribute_datasets_from_function(build)
@@ -198,7 +188,10 @@ def run_worker(project: Project, job_dir: Path) -> None:
     progress = ProgressLog(job_dir / f"progress-worker-{plan.worker_index}.jsonl", global_batch * steps_per_epoch)
     callbacks: list[Any] = [tf_keras.callbacks.BackupAndRestore(str(job_dir / "backup")), progress]
     if tracker is not None:
-        callbacks.append(MlflowEpochLogger())
+        from mlflow.tensorflow.callback import MlflowCallback
+
+        # Per-epoch metrics, the optimizer's settings and the model summary (MLflow ships it untyped).
+        callbacks.append(MlflowCallback())  # type: ignore[no-untyped-call]
     history = model.fit(
         dataset_fn(train_files, True),
         validation_data=dataset_fn(val_files, False),
@@ -216,7 +209,7 @@ def run_worker(project: Project, job_dir: Path) -> None:
         "first_epoch": progress.first_epoch,
         "history": {key: [float(v) for v in values] for key, values in history.history.items()},
     }
-    _write_json_atomic(job_dir / f"worker-{plan.worker_index}.json", summary)
+    write_json_atomic(job_dir / f"worker-{plan.worker_index}.json", summary)
     if tracker is not None:
         tracker.finish(weights, checksum, progress)
 
@@ -330,8 +323,9 @@ class _ChiefTracker:
             weights_checksum=checksum,
             job_dir=str(self.job_dir),
         )
+        mlflow.flush_async_logging()  # MlflowCallback logs epochs asynchronously
         mlflow.end_run()
-        _write_json_atomic(self.job_dir / RESULT_FILE, asdict(result))
+        write_json_atomic(self.job_dir / RESULT_FILE, asdict(result))
 
 
 def worker_main(argv: list[str] | None = None) -> int:

@@ -240,7 +240,7 @@ def check_interrupted_push_completes_on_retry(
     )
     assert _flock_is_free(project.root / ".dvc" / "tmp" / "mlops.lock"), "the kernel released the killed run's lock"
 
-    with caplog.at_level(logging.INFO, logger="pipelines.data.versioning"):
+    with caplog.at_level(logging.INFO, logger="pipelines.data.dvc"):
         retried = version_data(project, source="retry")
     assert retried.version == interrupted.version, (
         f"the retry versions the same data: {retried.version} vs {interrupted.version}"

@@ -5,6 +5,7 @@ import io
 import os
 import struct
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.data.ingest import assign_split, ingest
+from pipelines.data.ingest import assign_splits, ingest, smallest_class_size, split_sizes
 from pipelines.data.manifest import read_manifest
 from pipelines.errors import IngestError
 from pipelines.project import Project
@@ -49,13 +50,33 @@ def test_sample_export_is_deterministic(tiny_project: ProjectFactory, tmp_path: 
     assert sorted({row.label for row in rows}) == [str(d) for d in range(10)], "all ten digit classes present"
 
 
-def test_split_is_a_pure_function_of_content() -> None:
+def test_splits_are_stratified_per_class_and_independent_of_order() -> None:
     fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
-    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3000)]
-    splits = [assign_split(digest, fractions) for digest in digests]
-    assert splits == [assign_split(digest, fractions) for digest in digests], "same hash, same split"
-    share = splits.count("train") / len(splits)
-    assert 0.65 < share < 0.75, f"train share follows the configured fraction, got {share:.3f}"
+    images = {hashlib.sha256(f"{label}{i}".encode()).hexdigest(): label for label in "abc" for i in range(40)}
+    splits = assign_splits(images, {}, fractions)
+    for label in "abc":
+        counts = Counter(splits[digest] for digest, owner in images.items() if owner == label)
+        assert counts == {"train": 28, "val": 6, "test": 6}, f"class {label} is split 28/6/6, got {dict(counts)}"
+    reordered = dict(reversed(list(images.items())))
+    assert assign_splits(reordered, {}, fractions) == splits, "the split depends on content, not on reading order"
+
+
+def test_split_sizes_round_by_largest_remainder_and_name_the_smallest_class() -> None:
+    fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
+    assert split_sizes(6, fractions) == {"train": 4, "val": 1, "test": 1}, "6 images: 4.2/0.9/0.9 rounded"
+    assert sum(split_sizes(1797, fractions).values()) == 1797, "the sizes always add up to the count"
+    assert smallest_class_size(5, fractions) == 32, "32 x 0.15 = 4.8 rounds up: the fewest images giving 5 per split"
+
+
+def test_new_images_fill_what_each_class_lacks() -> None:
+    fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
+    old = {hashlib.sha256(f"a{i}".encode()).hexdigest(): "a" for i in range(20)}
+    previous = {digest: "train" for digest in old}  # an earlier version put every image in train
+    new = {hashlib.sha256(f"a-new{i}".encode()).hexdigest(): "a" for i in range(20)}
+    splits = assign_splits({**old, **new}, previous, fractions)
+    assert all(splits[digest] == "train" for digest in old), "images already placed never move"
+    counts = Counter(splits[digest] for digest in new)
+    assert counts == {"train": 8, "val": 6, "test": 6}, f"the new images go where the class lacks: {dict(counts)}"
 
 
 def test_splits_are_stable_as_the_dataset_grows(tiny_project: ProjectFactory, tmp_path: Path) -> None:

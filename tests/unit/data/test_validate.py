@@ -13,21 +13,18 @@ import numpy as np
 import pytest
 
 from pipelines.data.manifest import ManifestRow, read_manifest, write_manifest
-from pipelines.data.validate import (
-    MAX_LISTED,
+from pipelines.data.profile import (
     PROFILE_NAME,
     ClassProfile,
-    ValidationReport,
     compute_profile,
-    format_report,
     measure_image,
     read_profile,
-    validate_dataset,
     write_profile,
 )
+from pipelines.data.validate import MAX_LISTED, ValidationReport, format_report, validate_dataset
 from pipelines.errors import DataValidationError, PipelineError
 from pipelines.project import Project
-from tests.support import class_image, png_bytes, write_params, write_tiny_dataset
+from tests.support import class_image, make_source, png_bytes, write_params, write_tiny_dataset
 
 ProjectFactory = Callable[..., Project]
 
@@ -342,3 +339,26 @@ def test_measure_image_statistics_and_refusals(tmp_path: Path) -> None:
     too_big = measure_image(tmp_path, row, 1_000, 10)
     assert not too_big.decodes, f"a file over the size limit must not decode: {too_big}"
     assert "max_file_bytes" in too_big.error, f"the size limit must be named: {too_big}"
+
+
+def test_forty_clean_images_per_class_pass_the_default_expectations(tmp_path: Path) -> None:
+    from pipelines.data.ingest import ingest
+
+    classes = ("a", "b", "c")
+    source = make_source(tmp_path / "source", classes=classes, per_class=40)
+    (tmp_path / "project").mkdir()
+    project = Project.load(write_params(tmp_path / "project", {"validate": {"min_images_per_class_per_split": 5}}))
+    ingest(project, f"folder:{source}")
+    report = validate_dataset(project)
+    assert report.success, "a clean folder of 40 images per class validates with the default per-split minimum"
+
+
+def test_too_small_class_is_refused_with_the_size_it_needs(tmp_path: Path) -> None:
+    from pipelines.data.ingest import ingest
+
+    source = make_source(tmp_path / "source", per_class=20)
+    (tmp_path / "project").mkdir()
+    project = Project.load(write_params(tmp_path / "project", {"validate": {"min_images_per_class_per_split": 5}}))
+    ingest(project, f"folder:{source}")
+    with pytest.raises(DataValidationError, match=r"each class needs at least 32 images"):
+        validate_dataset(project)

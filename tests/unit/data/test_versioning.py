@@ -192,12 +192,12 @@ def test_dvc_lock_held_elsewhere_is_waited_for(
                 held.close()
 
     release = ReleaseOnRetry()
-    logger = logging.getLogger("pipelines.data.versioning")
+    logger = logging.getLogger("pipelines.data.dvc")
     logger.addHandler(release)
     timer = threading.Timer(300.0, held.close)  # a safety net only: the handler releases it first
     timer.start()
     try:
-        with caplog.at_level(logging.INFO, logger="pipelines.data.versioning"):
+        with caplog.at_level(logging.INFO, logger="pipelines.data.dvc"):
             second = version_data(project, source="late")
     finally:
         logger.removeHandler(release)

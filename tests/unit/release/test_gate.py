@@ -142,7 +142,7 @@ def test_champion_label_goes_into_the_note() -> None:
 
 def test_nan_metric_never_passes() -> None:
     candidate = scored([0, 0, 0])
-    broken = ClassificationMetrics.from_dict({**candidate.to_dict(), "accuracy": float("nan")})
+    broken = ClassificationMetrics.model_validate({**candidate.model_dump(), "accuracy": float("nan")})
     verdict = evaluate_gate(broken, None, CONFIG)
     assert names(verdict.failing_checks) == ["min_accuracy"], f"NaN accuracy should fail: {verdict.checks}"
 
@@ -153,15 +153,24 @@ def test_verdict_json_round_trip() -> None:
         evaluate_gate(scored([0, 3, 0]), CHAMPION, CONFIG),
         evaluate_gate(scored([1, 1, 1]), None, CONFIG),
     ):
-        restored = Verdict.from_dict(json.loads(json.dumps(verdict.to_dict())))
-        assert restored == verdict, f"verdict should survive a JSON round trip: {verdict.to_dict()}"
+        document = verdict.model_dump(mode="json")
+        restored = Verdict.model_validate(json.loads(json.dumps(document)))
+        assert restored == verdict, f"verdict should survive a JSON round trip: {document}"
 
 
 def test_verdict_refuses_a_pass_its_checks_do_not_support() -> None:
-    data: dict[str, Any] = evaluate_gate(scored([0, 3, 0]), CHAMPION, CONFIG).to_dict()
+    data: dict[str, Any] = evaluate_gate(scored([0, 3, 0]), CHAMPION, CONFIG).model_dump(mode="json")
     data["passed"] = True
     with pytest.raises(ValueError, match="checks say otherwise"):
-        Verdict.from_dict(data)
+        Verdict.model_validate(data)
+
+
+def test_verdict_needs_checks_with_unique_names() -> None:
+    data: dict[str, Any] = evaluate_gate(scored([1, 1, 1]), None, CONFIG).model_dump(mode="json")
+    with pytest.raises(ValueError, match="at least one check"):
+        Verdict.model_validate({**data, "checks": []})
+    with pytest.raises(ValueError, match="must be unique"):
+        Verdict.model_validate({**data, "checks": [data["checks"][0], data["checks"][0]]})
 
 
 @pytest.mark.parametrize(
@@ -169,17 +178,83 @@ def test_verdict_refuses_a_pass_its_checks_do_not_support() -> None:
     [("passed", "yes"), ("checks", None), ("note", 3), ("has_champion", None)],
 )
 def test_malformed_verdict_is_refused(key: str, value: object) -> None:
-    data: dict[str, Any] = evaluate_gate(scored([1, 1, 1]), None, CONFIG).to_dict()
+    data: dict[str, Any] = evaluate_gate(scored([1, 1, 1]), None, CONFIG).model_dump(mode="json")
     data[key] = value
     with pytest.raises(ValueError, match=key):
-        Verdict.from_dict(data)
+        Verdict.model_validate(data)
 
 
 def test_malformed_check_is_refused() -> None:
-    data: dict[str, Any] = evaluate_gate(scored([1, 1, 1]), None, CONFIG).to_dict()
+    data: dict[str, Any] = evaluate_gate(scored([1, 1, 1]), None, CONFIG).model_dump(mode="json")
     data["checks"][0]["value"] = "0.9"
     with pytest.raises(ValueError, match="value"):
-        Verdict.from_dict(data)
+        Verdict.model_validate(data)
+
+
+# A verdict as the hand-written ``to_dict`` wrote it to ``evaluation/verdict.json`` before the verdict became a
+# pydantic model: runs gated then must still be readable.
+OLD_VERDICT = {
+    "passed": False,
+    "has_champion": True,
+    "note": "champion (version 3), value and change thresholds",
+    "checks": [
+        {
+            "name": "min_accuracy",
+            "passed": True,
+            "value": 0.9,
+            "threshold": 0.8,
+            "baseline": None,
+            "description": "accuracy 0.9000 >= minimum 0.8000",
+        },
+        {
+            "name": "min_macro_f1",
+            "passed": True,
+            "value": 0.8976982097186701,
+            "threshold": 0.8,
+            "baseline": None,
+            "description": "macro_f1 0.8977 >= minimum 0.8000",
+        },
+        {
+            "name": "class_set",
+            "passed": True,
+            "value": 1.0,
+            "threshold": 1.0,
+            "baseline": None,
+            "description": "candidate and champion share the same 3 classes",
+        },
+        {
+            "name": "max_accuracy_drop",
+            "passed": True,
+            "value": 0.9,
+            "threshold": 0.85,
+            "baseline": 0.9,
+            "description": "accuracy 0.9000 vs champion 0.9000 (+0.0000), allowed drop 0.0500",
+        },
+        {
+            "name": "max_class_recall_drop",
+            "passed": False,
+            "value": 0.7,
+            "threshold": 0.8,
+            "baseline": 0.9,
+            "description": "recall dropped more than 0.1000 for 1 class: 'b' 0.9000 -> 0.7000 (-0.2000)",
+        },
+    ],
+}
+
+
+def test_verdict_logged_in_the_old_format_is_read_back() -> None:
+    verdict = Verdict.model_validate(json.loads(json.dumps(OLD_VERDICT)))
+    assert not verdict.passed, "the stored verdict failed"
+    assert verdict.has_champion, "the stored verdict was against a champion"
+    assert names(verdict.failing_checks) == ["max_class_recall_drop"], f"failing: {names(verdict.failing_checks)}"
+    recall = check_named(verdict, "max_class_recall_drop")
+    assert (recall.value, recall.threshold, recall.baseline) == (0.7, 0.8, 0.9), f"recall check: {recall}"
+    assert check_named(verdict, "min_accuracy").baseline is None, "a value threshold has no baseline"
+    tags = verdict.as_tags()
+    assert tags["gate.max_class_recall_drop"] == "fail 0.7000/0.8000 (baseline 0.9000)", f"tags: {tags}"
+    assert verdict.format_table().splitlines()[-1] == "GATE FAILED: max_class_recall_drop", verdict.format_table()
+    rewritten = verdict.model_dump(mode="json")
+    assert rewritten == OLD_VERDICT, f"new documents should keep the old keys and structure: {rewritten}"
 
 
 def test_tags_for_mlflow() -> None:

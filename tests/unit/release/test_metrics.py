@@ -15,6 +15,7 @@ from pipelines.release.metrics import (
     BootstrapInterval,
     ClassificationMetrics,
     Comparison,
+    McNemarResult,
     bootstrap_accuracy_difference,
     classification_metrics,
     compare_models,
@@ -147,8 +148,18 @@ def test_inconsistent_inputs_are_refused(y_true: np.ndarray, probabilities: np.n
 
 def test_metrics_dict_round_trip() -> None:
     metrics = classification_metrics(Y_TRUE, PROBABILITIES, CLASSES)
-    restored = ClassificationMetrics.from_dict(json.loads(json.dumps(metrics.to_dict())))
+    restored = ClassificationMetrics.model_validate(json.loads(json.dumps(metrics.model_dump(mode="json"))))
     assert restored == metrics, "metrics should survive a JSON round trip"
+
+
+def test_metrics_document_must_score_exactly_its_classes() -> None:
+    data = classification_metrics(Y_TRUE, PROBABILITIES, CLASSES).model_dump(mode="json")
+    missing = {**data, "per_class": {name: data["per_class"][name] for name in ("a", "c")}}
+    with pytest.raises(ValueError, match=r"per_class has no entry for classes \['b'\]"):
+        ClassificationMetrics.model_validate(missing)
+    unknown = {**data, "per_class": {**data["per_class"], "z": data["per_class"]["a"]}}
+    with pytest.raises(ValueError, match="unknown classes"):
+        ClassificationMetrics.model_validate(unknown)
 
 
 # mcnemar_exact
@@ -281,5 +292,70 @@ def test_compare_with_champion_bundles_everything_and_serialises() -> None:
         high=comparison.bootstrap.high,
         samples=200,
     ), f"bootstrap difference should be 5/8 - 7/8: {comparison.bootstrap}"
-    text = json.dumps(comparison.to_dict())
-    assert Comparison.from_dict(json.loads(text)) == comparison, "comparison should survive a JSON round trip"
+    text = json.dumps(comparison.model_dump(mode="json"))
+    assert Comparison.model_validate(json.loads(text)) == comparison, "comparison should survive a JSON round trip"
+
+
+# Documents as the hand-written ``to_dict`` wrote them to ``evaluation/comparison.json`` before the models
+# became pydantic models: runs logged then must still be readable.
+OLD_CANDIDATE = {
+    "class_names": ["cat", "dog"],
+    "accuracy": 0.75,
+    "macro_f1": 0.7333333333333334,
+    "log_loss": 0.5108256237659907,
+    "per_class": {
+        "cat": {"precision": 0.6666666666666666, "recall": 1.0, "f1": 0.8, "support": 2},
+        "dog": {"precision": 1.0, "recall": 0.5, "f1": 0.6666666666666666, "support": 2},
+    },
+    "confusion_matrix": [[2, 0], [1, 1]],
+    "n": 4,
+}
+OLD_CHAMPION = {
+    "class_names": ["cat", "dog"],
+    "accuracy": 1.0,
+    "macro_f1": 1.0,
+    "log_loss": 0.10536051565782628,
+    "per_class": {
+        "cat": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2},
+        "dog": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2},
+    },
+    "confusion_matrix": [[2, 0], [0, 2]],
+    "n": 4,
+}
+OLD_COMPARISON = {
+    "candidate": OLD_CANDIDATE,
+    "champion": OLD_CHAMPION,
+    "mcnemar": {"b": 0, "c": 1, "p_value": 1.0},
+    "bootstrap": {"mean_difference": -0.25, "low": -0.75, "high": 0.0, "samples": 1000, "confidence": 0.95},
+}
+OLD_FIRST_COMPARISON = {"candidate": OLD_CANDIDATE, "champion": None, "mcnemar": None, "bootstrap": None}
+
+
+def test_comparison_logged_in_the_old_format_is_read_back() -> None:
+    comparison = Comparison.model_validate(json.loads(json.dumps(OLD_COMPARISON)))
+    assert comparison.candidate.per_class["dog"].recall == 0.5, f"candidate per-class scores: {comparison.candidate}"
+    assert comparison.candidate.confusion_matrix == [[2, 0], [1, 1]], "the confusion matrix should be read back"
+    assert comparison.champion is not None, "the champion's metrics should be read back"
+    assert comparison.champion.accuracy == 1.0, f"champion accuracy: {comparison.champion}"
+    assert comparison.mcnemar == McNemarResult(b=0, c=1, p_value=1.0), f"McNemar: {comparison.mcnemar}"
+    assert comparison.bootstrap is not None, "the bootstrap interval should be read back"
+    assert (comparison.bootstrap.low, comparison.bootstrap.high) == (-0.75, 0.0), f"interval: {comparison.bootstrap}"
+    assert comparison.candidate.as_flat_dict()["recall_dog"] == 0.5, "a read-back document gives the MLflow metrics"
+    rewritten = comparison.model_dump(mode="json")
+    assert rewritten == OLD_COMPARISON, f"new documents should keep the old keys and structure: {rewritten}"
+
+
+def test_first_model_comparison_in_the_old_format_is_read_back() -> None:
+    comparison = Comparison.model_validate(json.loads(json.dumps(OLD_FIRST_COMPARISON)))
+    assert comparison.champion is None, "no champion in a first model's comparison"
+    assert comparison.mcnemar is None, "no McNemar test in a first model's comparison"
+    assert comparison.bootstrap is None, "no bootstrap in a first model's comparison"
+    rewritten = comparison.model_dump(mode="json")
+    assert rewritten == OLD_FIRST_COMPARISON, f"absent parts should still be written as null: {rewritten}"
+
+
+def test_malformed_comparison_is_refused() -> None:
+    with pytest.raises(ValueError, match="candidate"):
+        Comparison.model_validate({"champion": None})
+    with pytest.raises(ValueError, match="accuracy"):
+        Comparison.model_validate({"candidate": {**OLD_CANDIDATE, "accuracy": "high"}})

@@ -83,7 +83,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 
 def reset_champion(project: Project) -> None:
     """Delete the champion alias, the champion history and the audit tags of every version."""
-    from pipelines.release.promote import CHAMPION_ALIAS, HISTORY_TAG_PREFIX
+    from pipelines.project import CHAMPION_ALIAS
+    from pipelines.release.promote import HISTORY_TAG_PREFIX
 
     client = client_for(project)
     model = client.get_registered_model(MODEL)
@@ -121,7 +122,8 @@ def infra_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def champion(project: Project) -> str | None:
-    from pipelines.release.promote import CHAMPION_ALIAS, _alias_version
+    from pipelines.project import CHAMPION_ALIAS
+    from pipelines.release.promote import _alias_version
 
     return _alias_version(client_for(project), MODEL, CHAMPION_ALIAS)
 
