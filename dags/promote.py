@@ -7,9 +7,10 @@ Params: `version` (a number, `challenger`, or `previous` to roll back), `reason`
 `force` (promote even if its gate failed; recorded).
 
 Steps: **resolve** the version -> **check_gate** (refuse a failed gate unless forced) ->
-**infra_validate** (load through pyfunc in a fresh process, predict test batches, check shape, signature
-and p95 latency) -> **set_champion** (move the alias; record who, when, why and the replaced version on
-the version and in the champion history). Promoting the current champion again changes nothing.
+**infra_validate** (load as any MLflow user would, in a clean process; check the signature, the predictions
+against the evaluation's and the p95 latency; tag the version) -> **set_champion** (only an infra-validated
+version, unless forced; move the alias; record who, when, why and the replaced version on the version and in
+the champion history). Promoting the current champion again changes nothing.
 """
 
 from __future__ import annotations
@@ -63,9 +64,17 @@ def promote() -> None:
     def infra_validate(gate: dict[str, Any]) -> dict[str, Any]:
         from pipelines.release.promote import infra_validate as validate
 
-        report = run_step(validate, load_project(), gate["version"])
-        print(f"version {report.version}: p95 batch latency {report.p95_latency_ms:.1f} ms (budget {report.budget_ms})")
-        return gate
+        force = bool(get_current_context()["params"]["force"])
+        report = run_step(validate, load_project(), gate["version"], force=force)
+        if report.skipped:
+            print(f"version {report.version}: infra validation skipped (forced): {report.skipped}")
+        else:
+            print(
+                f"version {report.version}: loads in a clean process in {report.load_seconds:.1f} s, reproduces its "
+                f"evaluation (max |difference| {report.max_abs_difference:.2g}), p95 batch latency "
+                f"{report.p95_latency_ms:.1f} ms (budget {report.budget_ms:g})"
+            )
+        return {**gate, "forced": gate["forced"] or bool(report.skipped)}
 
     @task
     def set_champion(gate: dict[str, Any]) -> dict[str, Any]:

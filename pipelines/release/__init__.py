@@ -2,6 +2,6 @@
 
 ``metrics`` and ``gate`` are pure scoring and thresholds; ``evaluate`` compares a candidate with the
 champion on the same test split; ``register`` makes a passing candidate the ``challenger``; ``promote``
-(with ``infra_check`` in a fresh process) moves ``champion``; ``status`` reports. Imports point down the
+(with ``consumer_check`` in a clean process) moves ``champion``; ``status`` reports. Imports point down the
 flow: ``pipelines.training``, ``pipelines.data`` and the top-level modules.
 """

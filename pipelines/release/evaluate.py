@@ -24,6 +24,8 @@ from pipelines.release.metrics import ClassificationMetrics, Comparison, compare
 
 COMPARISON_ARTIFACT = "evaluation/comparison.json"
 VERDICT_ARTIFACT = "evaluation/verdict.json"
+INFRA_BATCH_ARTIFACT = "evaluation/infra_batch.npz"
+"""Test images and the candidate's probabilities on them, for infra validation in a clean process."""
 
 
 class EvaluationError(PipelineError):
@@ -65,11 +67,16 @@ def champion_version(model_name: str) -> Any | None:
         raise
 
 
-def _predict(model_uri: str, images: np.ndarray) -> np.ndarray:
+def predict_probabilities(model_uri: str, images: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
+    """(N, k) class probabilities of the model at ``model_uri``, loaded the way any MLflow user would."""
     import mlflow
 
-    model = mlflow.tensorflow.load_model(model_uri)
-    return np.asarray(model.predict(images, batch_size=256, verbose=0), dtype=np.float64)
+    from pipelines.training.model_format import probabilities
+
+    predictions = mlflow.pyfunc.load_model(model_uri).predict(np.asarray(images, dtype=np.float32))
+    if hasattr(predictions, "columns"):
+        return probabilities(predictions, classes)
+    return np.asarray(predictions, dtype=np.float64)  # a version logged before the pyfunc contract
 
 
 def _champion_metrics_from_run(run_id: str) -> ClassificationMetrics | None:
@@ -101,27 +108,30 @@ def evaluate_candidate(project: Project, run_id: str) -> EvaluationResult:
             f"run {run_id} was trained on data version {data_version or '(none)'} but the workspace holds "
             f"{workspace or '(none)'}; restore it with `mlops data checkout {data_version}`"
         )
-    test_x, test_y = load_arrays(project, "test")
-    candidate_probabilities = _predict(f"runs:/{run_id}/model", test_x)
-
     champion = champion_version(project.config.registry.model_name)
+    champion_label = f"version {champion.version}" if champion is not None else None
+    if run.data.tags.get("evaluated_against") == (champion_label or "none"):
+        print(f"run {run_id} was already evaluated against {champion_label or 'no champion'}: reusing that evaluation")
+        return _result(run_id, champion, load_comparison(run_id))
+    test_x, test_y = load_arrays(project, "test")
+    candidate_probabilities = predict_probabilities(f"runs:/{run_id}/model", test_x, classes)
+
     champion_probabilities = None
-    champion_label = None
     if champion is not None:
-        champion_label = f"version {champion.version}"
         champion_run = get_run(champion.run_id)
         champion_classes = tuple(champion_run.data.tags.get("classes", "").split(","))
         if champion_classes == tuple(classes):
-            champion_probabilities = _predict(f"models:/{project.config.registry.model_name}@{CHAMPION_ALIAS}", test_x)
+            champion_uri = f"models:/{project.config.registry.model_name}@{CHAMPION_ALIAS}"
+            champion_probabilities = predict_probabilities(champion_uri, test_x, classes)
     comparison = compare_models(
         test_y, candidate_probabilities, champion_probabilities, classes, project.config.evaluate
     )
     if champion is not None and comparison.champion is None:
         # Different class sets cannot be scored on the same data: keep the champion's own metrics so the
         # gate's class-set check fails with both sets named.
-        stored = _champion_metrics_from_run(champion.run_id)
-        if stored is not None:
-            comparison = Comparison(candidate=comparison.candidate, champion=stored)
+        champion_metrics = _champion_metrics_from_run(champion.run_id)
+        if champion_metrics is not None:
+            comparison = Comparison(candidate=comparison.candidate, champion=champion_metrics)
 
     metrics = {f"test_{name}": value for name, value in comparison.candidate.as_flat_dict().items()}
     if comparison.champion is not None and comparison.mcnemar is not None:
@@ -134,9 +144,14 @@ def evaluate_candidate(project: Project, run_id: str) -> EvaluationResult:
         metrics["accuracy_difference_high"] = comparison.bootstrap.high
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(metrics)
-        mlflow.set_tag("evaluated_against", champion_label or "none")
         mlflow.log_dict(comparison.model_dump(mode="json"), COMPARISON_ARTIFACT)
         log_classification_artifacts(comparison.candidate, classes, prefix="test")
+        _log_infra_batch(test_x, candidate_probabilities, project.config.promote.batch_size)
+        mlflow.set_tag("evaluated_against", champion_label or "none")  # last: marks the evaluation complete
+    return _result(run_id, champion, comparison)
+
+
+def _result(run_id: str, champion: Any | None, comparison: Comparison) -> EvaluationResult:
     return EvaluationResult(
         run_id=run_id,
         champion_version=str(champion.version) if champion is not None else None,
@@ -144,6 +159,23 @@ def evaluate_candidate(project: Project, run_id: str) -> EvaluationResult:
         champion_accuracy=comparison.champion.accuracy if comparison.champion is not None else None,
         mcnemar_p_value=comparison.mcnemar.p_value if comparison.mcnemar is not None else None,
     )
+
+
+def _log_infra_batch(images: np.ndarray, probabilities: np.ndarray, batch_size: int) -> None:
+    """Log test images and the candidate's probabilities on them: what infra validation must reproduce.
+
+    Stored with the run, so a version can be checked in a clean process on any host, for any data version.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    count = min(len(images), max(4 * batch_size, 256))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / INFRA_BATCH_ARTIFACT.rsplit("/", 1)[-1]
+        np.savez_compressed(path, images=images[:count].astype(np.float32), probabilities=probabilities[:count])
+        mlflow.log_artifact(str(path), artifact_path=INFRA_BATCH_ARTIFACT.rsplit("/", 1)[0])
 
 
 def load_comparison(run_id: str) -> Comparison:

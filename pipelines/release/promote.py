@@ -6,10 +6,12 @@ Steps (each a function, so the ``promote`` DAG runs them as separate tasks and t
    current one: that is a rollback);
 2. :func:`check_gate` – a version whose gate failed (or was never gated) is refused unless ``force``,
    and a forced promotion is recorded as such;
-3. :func:`infra_validate` – load the version through the pyfunc flavour in a fresh process, predict
-   batches of the test split, check output shape and signature, and the 95th-percentile batch latency;
-4. :func:`set_champion` – under a lock: move the alias, tag the version (who, when, why, which version
-   it replaced) and append to the champion history kept as tags of the registered model.
+3. :func:`infra_validate` – load the version as any MLflow user would, in a clean process with no project
+   setting, check its signature, that it reproduces the predictions logged at evaluation and its p95
+   batch latency; a version logged before the registry's contract is refused unless forced;
+4. :func:`set_champion` – under a lock: refuse a version not tagged as infra-validated (unless forced),
+   move the alias, tag the version (who, when, why, which version it replaced) and append to the champion
+   history kept as tags of the registered model.
 
 Promoting the current champion again changes nothing. The reference profile used for drift checks is
 replaced by the new champion's training-data profile.
@@ -32,6 +34,8 @@ from pipelines.files import write_atomic
 from pipelines.project import CHALLENGER_ALIAS, CHAMPION_ALIAS, Project
 
 HISTORY_TAG_PREFIX = "champion_history."
+INFRA_TAG = "infra_validation"
+"""Set on a version by :func:`infra_validate`: ``passed ...`` or ``skipped (forced): ...``."""
 PROFILE_ARTIFACT = "data/profile.json"
 
 
@@ -64,7 +68,7 @@ class GateCheck:
 
 @dataclass(frozen=True)
 class InfraReport:
-    """What the fresh-process check measured."""
+    """What the clean-process check measured (``skipped`` says why nothing was, for a forced old version)."""
 
     version: str
     batches: int
@@ -72,6 +76,9 @@ class InfraReport:
     output_shape: list[int]
     p95_latency_ms: float
     budget_ms: float
+    load_seconds: float = 0.0
+    max_abs_difference: float = 0.0
+    skipped: str = ""
 
 
 @dataclass(frozen=True)
@@ -167,31 +174,109 @@ def check_gate(project: Project, version: str, force: bool = False) -> GateCheck
     return GateCheck(version=version, gate=gate, forced=gate != "passed")
 
 
-def infra_validate(project: Project, version: str) -> InfraReport:
-    """Load ``version`` through pyfunc in a fresh process, predict test batches, check shape and p95 latency."""
+def _consumer_environment(project: Project) -> dict[str, str]:
+    """What a consumer of the registry has: a shell's basics, the tracking URI and its credentials, no project."""
     from pipelines.tracking import tracking_uri
 
+    kept = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+    credentials = ("MLFLOW_TRACKING_", "MLFLOW_S3_", "AWS_")
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name in kept or (name.startswith(credentials) and name != "MLFLOW_TRACKING_URI")
+    }
+    environment["MLFLOW_TRACKING_URI"] = tracking_uri(project)
+    environment["TF_CPP_MIN_LOG_LEVEL"] = "2"  # TensorFlow's start-up chatter only
+    return environment
+
+
+def infra_validate(project: Project, version: str, *, force: bool = False) -> InfraReport:
+    """Load ``version`` as any MLflow user would, in a clean process, and check it against its evaluation.
+
+    The version must keep the registry's contract (see :mod:`pipelines.training.model_format`); one that only
+    loads inside this project is refused with the reason, unless ``force`` (then it is not loaded at all and
+    the report says so). The check itself is :mod:`pipelines.release.consumer_check`, run with ``python -I``
+    and a scrubbed environment. A version that passes is tagged ``infra_validation``, which
+    :func:`set_champion` requires.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.release import consumer_check
+    from pipelines.release.evaluate import INFRA_BATCH_ARTIFACT
+    from pipelines.training.model_format import contract_problem
+
     settings = project.config.promote
-    uri = f"models:/{project.config.registry.model_name}/{version}"
-    command = [sys.executable, "-m", "pipelines.release.infra_check", "--params", str(project.params_path), uri]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(project)}
-    try:
-        completed = subprocess.run(
-            command, capture_output=True, text=True, timeout=settings.timeout_seconds, env=env, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise PromotionError(f"{uri}: infra validation timed out after {settings.timeout_seconds} s") from None
+    name = project.config.registry.model_name
+    uri = f"models:/{name}/{version}"
+    client = _client(project)
+    problem = contract_problem(uri)
+    if problem is not None:
+        if not force:
+            raise PromotionError(f"{problem}; refusing to promote it (force=true promotes it anyway, recorded)")
+        client.set_model_version_tag(name, version, INFRA_TAG, f"skipped (forced): {problem}")
+        return InfraReport(version, 0, settings.batch_size, [], 0.0, settings.p95_latency_budget_ms, skipped=problem)
+    run_id = client.get_model_version(name, version).run_id
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            batch = client.download_artifacts(run_id, INFRA_BATCH_ARTIFACT, folder)
+        except MlflowException:
+            raise PromotionError(
+                f"{uri}: run {run_id} has no {INFRA_BATCH_ARTIFACT} to check predictions against (evaluate it first)"
+            ) from None
+        command = [
+            sys.executable, "-I", str(Path(consumer_check.__file__)),
+            "--model-uri", uri, "--batch", str(batch), "--batch-size", str(settings.batch_size),
+            "--latency-batches", str(settings.latency_batches), "--budget-ms", str(settings.p95_latency_budget_ms),
+        ]  # fmt: skip
+        try:
+            completed = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=settings.timeout_seconds,
+                env=_consumer_environment(project),
+                cwd=folder,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise PromotionError(f"{uri}: infra validation timed out after {settings.timeout_seconds} s") from None
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode != 0 or not lines:
-        detail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+        errors = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+        detail = (errors or completed.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
         raise PromotionError(f"{uri}: infra validation failed: {detail}")
-    return InfraReport(**json.loads(lines[-1]))
+    measured = json.loads(lines[-1])
+    report = InfraReport(
+        version=version,
+        batches=int(measured["batches"]),
+        batch_size=int(measured["batch_size"]),
+        output_shape=list(measured["output_shape"]),
+        p95_latency_ms=float(measured["p95_latency_ms"]),
+        budget_ms=float(measured["budget_ms"]),
+        load_seconds=float(measured["load_seconds"]),
+        max_abs_difference=float(measured["max_abs_difference"]),
+    )
+    client.set_model_version_tag(
+        name,
+        version,
+        INFRA_TAG,
+        f"passed {datetime.now(UTC).isoformat(timespec='seconds')}: clean-process load {report.load_seconds:.1f} s, "
+        f"max |difference| {report.max_abs_difference:.2g}, p95 {report.p95_latency_ms:.1f} ms",
+    )
+    return report
 
 
 def set_champion(
     project: Project, version: str, reason: str, *, forced: bool = False, actor: str | None = None
 ) -> PromotionResult:
-    """Move ``champion`` to ``version`` and record who, when, why and what it replaced (idempotent)."""
+    """Move ``champion`` to ``version`` and record who, when, why and what it replaced (idempotent).
+
+    Only a version tagged as having passed :func:`infra_validate` can become champion, unless ``forced``
+    (recorded in the history): marking the validation task successful by hand does not get past this.
+    """
     from pipelines.release.register import registry_lock
     from pipelines.tracking import with_retries
 
@@ -199,6 +284,12 @@ def set_champion(
         raise PromotionError("reason: a promotion needs a reason")
     client = _client(project)
     name = project.config.registry.model_name
+    infra = str(client.get_model_version(name, version).tags.get(INFRA_TAG, ""))
+    if not infra.startswith("passed") and not forced:
+        raise PromotionError(
+            f"{name} version {version} has not passed infra validation ({infra or 'never validated'}); "
+            "validate it first (the promote DAG does), or force it (recorded)"
+        )
     actor = actor or os.environ.get("MLOPS_USER") or getpass.getuser()
     with registry_lock(project):
         previous = _alias_version(client, name, CHAMPION_ALIAS)
@@ -267,8 +358,8 @@ def promote(
     if _alias_version(client, project.config.registry.model_name, CHAMPION_ALIAS) == version:
         return PromotionResult(version=version, previous=version, changed=False, forced=False)
     gate = check_gate(project, version, force)
-    infra_validate(project, version)
-    return set_champion(project, version, reason, forced=gate.forced, actor=actor)
+    report = infra_validate(project, version, force=force)
+    return set_champion(project, version, reason, forced=gate.forced or bool(report.skipped), actor=actor)
 
 
 def rollback(project: Project, reason: str, *, actor: str | None = None) -> PromotionResult:

@@ -7,6 +7,7 @@ from typing import Any
 from pipelines.project import CHALLENGER_ALIAS, CHAMPION_ALIAS, Project
 
 RECENT_RUNS = 5
+RECENT_VERSIONS = 20
 
 
 def _version_summary(client: Any, name: str, alias: str) -> dict[str, Any] | None:
@@ -63,7 +64,29 @@ def collect_status(project: Project) -> dict[str, Any]:
             for run in runs
         ],
         "history": [asdict(entry) for entry in champion_history(project)],
+        "outside_contract": _versions_outside_contract(client, name),
     }
+
+
+def _versions_outside_contract(client: Any, name: str) -> list[dict[str, str]]:
+    """The most recent versions that only load inside this project (promoting one needs ``force``)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.training.model_format import contract_problem
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'", max_results=RECENT_VERSIONS)
+    except MlflowException:
+        return []
+    outside = []
+    for version in sorted(versions, key=lambda item: int(item.version), reverse=True)[:RECENT_VERSIONS]:
+        try:
+            problem = contract_problem(f"models:/{name}/{version.version}")
+        except Exception as error:  # an artifact store that lost the model is a problem too
+            problem = f"cannot read its MLmodel: {error}"
+        if problem is not None:
+            outside.append({"version": str(version.version), "problem": problem})
+    return outside
 
 
 def _metric(value: float | None) -> str:
@@ -90,6 +113,9 @@ def format_status(status: dict[str, Any]) -> str:
             f"  {run['run_name']:<36} gate {run['gate']:<9} accuracy {_metric(run['test_accuracy'])}  "
             f"data {run['data_version'][:12]}"
         )
+    if status.get("outside_contract"):
+        lines.append("versions that load only inside this project (promote them with force)")
+        lines += [f"  version {item['version']}: {item['problem']}" for item in status["outside_contract"]]
     lines.append("champion history")
     if not status["history"]:
         lines.append("  none")

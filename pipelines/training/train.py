@@ -276,13 +276,12 @@ class _ChiefTracker:
 
     def finish(self, weights: list[Any], checksum: float, progress: ProgressLog) -> None:
         import mlflow
-        import numpy as np
         import tensorflow as tf
-        from mlflow.models import infer_signature
 
         from models.architectures import build_model
         from pipelines.release.metrics import classification_metrics
         from pipelines.training.inputs import input_shape, load_arrays
+        from pipelines.training.model_format import log_model
         from pipelines.training.reports import log_classification_artifacts, log_training_curves
 
         config = self.project.config
@@ -292,9 +291,7 @@ class _ChiefTracker:
         val_x, val_y = load_arrays(self.project, "val")
         probabilities = plain.predict(val_x, batch_size=256, verbose=0)
         val_metrics = classification_metrics(val_y, probabilities, config.dataset.classes)
-        example = val_x[:5]
-        signature = infer_signature(example, np.asarray(plain.predict(example, verbose=0)))
-        mlflow.tensorflow.log_model(plain, name="model", signature=signature, input_example=example)
+        log_model(plain, config.dataset.classes, example=val_x[:5])
         log_training_curves(self.job_dir)
         profile = self.project.dataset_dir / "profile.json"
         if profile.is_file():

@@ -33,7 +33,14 @@ PROMOTE_OVERRIDES: dict[str, dict[str, Any]] = {
     # about 40 ms here, several times that on a loaded machine, and speed is not what these tests check.
     "promote": {"batch_size": 8, "latency_batches": 5, "p95_latency_budget_ms": 10_000.0, "timeout_seconds": 240},
 }
-AUDIT_TAGS = ("promoted_by", "promoted_at", "promotion_reason", "promotion_forced", "replaced_version", "retired_at")
+AUDIT_TAGS = (
+    "promoted_by",
+    "promoted_at",
+    "promotion_reason",
+    "promotion_forced",
+    "replaced_version",
+    "retired_at",
+)
 
 
 @dataclass(frozen=True)
@@ -101,20 +108,35 @@ def reset_champion(project: Project) -> None:
 
 @pytest.fixture(autouse=True)
 def no_champion(registry: Registry) -> Project:
-    """Every test starts with no champion and an empty history; challenger stays on version 1."""
+    """Every test starts with no champion and an empty history; challenger stays on version 1.
+
+    Versions 1 and 2 carry the tag a passed infra validation leaves (what ``set_champion`` requires);
+    version 3 never passed it.
+    """
+    from pipelines.release.promote import INFRA_TAG
+
     reset_champion(registry.project)
+    client = client_for(registry.project)
+    for version in ("1", "2"):
+        client.set_model_version_tag(MODEL, version, INFRA_TAG, "passed (fixture)")
+    if INFRA_TAG in client.get_model_version(MODEL, "3").tags:
+        client.delete_model_version_tag(MODEL, "3", INFRA_TAG)
     return registry.project
 
 
 @pytest.fixture
 def infra_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Replace the fresh-process infra validation by a stub that records the versions it was asked about."""
+    """Replace the clean-process infra validation by a stub that records the versions it was asked about.
+
+    Like the real step, a passing check leaves the ``infra_validation`` tag that ``set_champion`` requires.
+    """
     import pipelines.release.promote as promote_module
 
     calls: list[str] = []
 
-    def fake(project: Project, version: str) -> promote_module.InfraReport:
+    def fake(project: Project, version: str, *, force: bool = False) -> promote_module.InfraReport:
         calls.append(version)
+        client_for(project).set_model_version_tag(MODEL, version, promote_module.INFRA_TAG, "passed (stub)")
         return promote_module.InfraReport(version, 5, 8, [8, 3], 1.0, 10_000.0)
 
     monkeypatch.setattr(promote_module, "infra_validate", fake)
@@ -227,6 +249,18 @@ def test_failed_gate_is_refused_then_forced_and_recorded(no_champion: Project, i
     assert tags["replaced_version"] == "1", f"the replaced version is recorded: {tags}"
 
 
+def test_a_version_that_never_passed_infra_validation_cannot_become_champion(no_champion: Project) -> None:
+    from pipelines.release.promote import champion_history, set_champion
+
+    with pytest.raises(PromotionError, match=r"version 3 has not passed infra validation \(never validated\)"):
+        set_champion(no_champion, "3", "the validation task was marked successful by hand")
+    assert champion(no_champion) is None, "the alias did not move"
+    assert champion_history(no_champion) == [], "nothing was recorded"
+    forced = set_champion(no_champion, "3", "emergency", forced=True)
+    assert (forced.changed, forced.forced) == (True, True), f"forcing moves it and says so: {forced}"
+    assert champion_history(no_champion)[-1].forced, "the history records the forced promotion"
+
+
 def test_failed_infra_validation_leaves_the_champion_unchanged(
     no_champion: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -235,7 +269,7 @@ def test_failed_infra_validation_leaves_the_champion_unchanged(
 
     set_champion(no_champion, "1", "baseline")
 
-    def failing(project: Project, version: str) -> None:
+    def failing(project: Project, version: str, *, force: bool = False) -> None:
         raise PromotionError(f"models:/{MODEL}/{version}: infra validation failed: p95 too slow")
 
     monkeypatch.setattr(promote_module, "infra_validate", failing)
