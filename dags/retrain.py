@@ -11,6 +11,8 @@ evaluate -> gate -> register** (and **auto_promote** when the `auto_promote` par
   is registered and the champion is untouched.
 * Bad data fails **validate** at once (no retries); the Great Expectations Data Docs report is under
   `artifacts/validation/`.
+* **train** reuses the last run trained on the same data version, training code and parameters instead of
+  training again (nothing new is registered); the `force` param retrains anyway.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ SCHEDULE = (
     params={
         "source": Param(CONFIG.ingest.source, type="string", description="sample, folder:PATH or s3://bucket/prefix"),
         "auto_promote": Param(CONFIG.schedule.auto_promote, type="boolean", description="promote if the gate passes"),
+        "force": Param(False, type="boolean", description="train even if data, code and params are unchanged"),
     },
 )
 def retrain() -> None:
@@ -95,6 +98,7 @@ def retrain() -> None:
             workers=project.config.train.workers,
             job_id=job_id_for_run(context["dag"].dag_id, context["run_id"]),
             max_restarts=project.config.train.max_restarts,
+            force=bool(context["params"]["force"]),
         )
         return result.run_id
 

@@ -94,7 +94,11 @@ def _train(project: Project, args: argparse.Namespace) -> None:
         workers=args.workers or project.config.train.workers,
         job_id=args.job_id,
         max_restarts=project.config.train.max_restarts if args.max_restarts is None else args.max_restarts,
+        force=args.force,
     )
+    if result.reused:
+        print(f"unchanged since run {result.run_id} ({result.run_name}): nothing trained (--force retrains)")
+        return
     print(
         f"run {result.run_id} ({result.run_name}): strategy {result.strategy}, {result.replicas} replicas, "
         f"global batch {result.global_batch_size}, val accuracy {result.val_accuracy:.4f}, "
@@ -192,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-version", help="DVC data version to train on (default: the workspace's)")
     train.add_argument("--job-id", help="resume or reuse this training job (default: a new one)")
     train.add_argument("--max-restarts", type=int, help="restarts of the worker group (default: train.max_restarts)")
+    train.add_argument("--force", action="store_true", help="train even if data, code and params are unchanged")
     train.set_defaults(handler=_train)
     for name, handler, text in (
         ("evaluate", _evaluate, "score the candidate and the champion on the same test split"),

@@ -41,8 +41,8 @@ def dag_config() -> Config:
 
 
 def load_project() -> Project:
-    """The project the tasks work on."""
-    return Project.load(params_path())
+    """The project the tasks work on; a broken ``params.yaml`` fails the task at once (retrying cannot fix it)."""
+    return run_step(Project.load, params_path())
 
 
 def run_step(step: Callable[..., T], *args: Any, **kwargs: Any) -> T:

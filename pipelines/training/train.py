@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 JOB_FILE = "job.json"
 RESULT_FILE = "result.json"
 RUN_ID_FILE = "mlflow_run_id"
+RESULT_ARTIFACT = "training/result.json"
 
 
 class TrainingError(PipelineError):
@@ -56,6 +57,8 @@ class TrainResult:
     samples_per_second: float
     weights_checksum: float
     job_dir: str
+    reused: bool = False
+    """True when an earlier run with the same data, code and parameters was returned instead of training."""
 
 
 def last_run_id(project: Project) -> str:
@@ -79,14 +82,18 @@ def train(
     workers: int = 1,
     job_id: str | None = None,
     max_restarts: int = 0,
+    force: bool = False,
 ) -> TrainResult:
     """Train a candidate on ``data_version`` (default: the workspace's current version) and log it.
 
     ``workers`` > 1 starts that many local worker processes with ``MultiWorkerMirroredStrategy``.
     Re-running a ``job_id`` whose training finished returns its result without training again;
-    re-running one that was interrupted resumes from its last checkpoint.
+    re-running one that was interrupted resumes from its last checkpoint. When a finished run has the same
+    :func:`~pipelines.training.fingerprint.training_fingerprint` (data, code, parameters), it is returned
+    with ``reused=True`` and nothing is trained, unless ``force``.
     """
     from pipelines.data.versioning import checkout_data, current_version
+    from pipelines.training.fingerprint import training_fingerprint
     from pipelines.training.inputs import split_files
 
     if workers < 1:
@@ -108,11 +115,20 @@ def train(
     if finished is not None:
         print(f"training job {job_id} already finished: run {finished.run_id}")
         return finished
+    fingerprint = training_fingerprint(project, workspace_version)
+    cached = None if force else cached_result(project, fingerprint)
+    if cached is not None:
+        print(
+            f"unchanged since run {cached.run_id} ({cached.run_name}): same data version, training code and "
+            "parameters; reusing it instead of training (force=true retrains)"
+        )
+        write_json_atomic(project.last_train_path, asdict(cached))
+        return cached
     job_dir.mkdir(parents=True, exist_ok=True)
     job_file = job_dir / JOB_FILE
     if not job_file.exists():
         run_name = f"{project.config.dataset.name}-{workspace_version[:8]}-{now:%Y%m%d-%H%M%S}"
-        spec = {"data_version": workspace_version, "run_name": run_name, "job_id": job_id}
+        spec = {"data_version": workspace_version, "run_name": run_name, "job_id": job_id, "fingerprint": fingerprint}
         write_json_atomic(job_file, spec)
 
     if workers == 1:
@@ -126,6 +142,30 @@ def train(
         raise TrainingError(f"{job_dir}: training ended without a result from the chief")
     write_json_atomic(project.last_train_path, asdict(result))
     return result
+
+
+def cached_result(project: Project, fingerprint: str) -> TrainResult | None:
+    """The result of the newest finished run tagged with ``fingerprint``, or None (never trained so)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import connect
+    from pipelines.training.fingerprint import FINGERPRINT_TAG
+
+    experiment_id = connect(project)
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.{FINGERPRINT_TAG} = '{fingerprint}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    try:
+        stored = mlflow.artifacts.load_dict(f"runs:/{runs[0].info.run_id}/{RESULT_ARTIFACT}")
+    except Exception:  # a run from before results were logged: train again rather than guess
+        return None
+    return TrainResult(**{**stored, "reused": True})
 
 
 def _read_result(job_dir: Path) -> TrainResult | None:
@@ -151,7 +191,9 @@ def run_worker(project: Project, job_dir: Path) -> None:
     # Operators (and the fault-injection tests) find a worker's process here.
     (job_dir / f"worker-{plan.worker_index}.pid").write_text(f"{os.getpid()}\n", encoding="utf-8")
     strategy = build_strategy(plan)
+    # Same data, code and parameters give the same weights: the training cache relies on it.
     tf_keras.utils.set_random_seed(config.train.seed)
+    tf.config.experimental.enable_op_determinism()
 
     train_files = split_files(project, "train", include_augmented=config.train.use_augmented)
     val_files = split_files(project, "val")
@@ -249,6 +291,10 @@ class _ChiefTracker:
             "git_commit": git_commit(project.root),
             "training_job": spec["job_id"],
         }
+        if spec.get("fingerprint"):
+            from pipelines.training.fingerprint import FINGERPRINT_TAG
+
+            tags[FINGERPRINT_TAG] = spec["fingerprint"]
         tags.update(airflow_context_tags())
         mlflow.set_tags(tags)
         self._log_inputs()
@@ -320,6 +366,7 @@ class _ChiefTracker:
             weights_checksum=checksum,
             job_dir=str(self.job_dir),
         )
+        mlflow.log_dict(asdict(result), RESULT_ARTIFACT)
         mlflow.flush_async_logging()  # MlflowCallback logs epochs asynchronously
         mlflow.end_run()
         write_json_atomic(self.job_dir / RESULT_FILE, asdict(result))

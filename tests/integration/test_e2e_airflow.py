@@ -48,8 +48,9 @@ class Pipeline:
         succeeded, run_id = dags_test(self.env, dag_id, self.logs / f"{self.runs:02d}-{dag_id}.log", conf=conf)
         return succeeded, dict(task_states(self.env, dag_id, run_id))
 
-    def retrain(self, source: Path | None = None) -> tuple[bool, dict[str, str]]:
-        return self.trigger("retrain", {"source": f"folder:{source or self.source}", "auto_promote": False})
+    def retrain(self, source: Path | None = None, force: bool = False) -> tuple[bool, dict[str, str]]:
+        conf = {"source": f"folder:{source or self.source}", "auto_promote": False, "force": force}
+        return self.trigger("retrain", conf)
 
     def promote(self, version: str, reason: str, force: bool = False) -> tuple[bool, dict[str, str]]:
         return self.trigger("promote", {"version": version, "reason": reason, "force": force})
@@ -73,6 +74,9 @@ class Pipeline:
             return str(self.client().get_model_version_by_alias("e2e-classifier", alias).version)
         except Exception:
             return None
+
+    def experiment_id(self) -> str:
+        return str(self.client().get_experiment_by_name("e2e-retrain").experiment_id)
 
     def log_text(self) -> str:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace") for path in sorted(self.logs.glob("*.log")))
@@ -118,18 +122,33 @@ def test_promote_makes_the_challenger_champion_with_audit_tags(pipeline: Pipelin
     assert tags["promoted_at"], "when it was promoted is recorded"
 
 
-def test_second_retrain_keeps_the_data_version_and_gates_against_the_champion(pipeline: Pipeline) -> None:
+def test_second_retrain_on_unchanged_inputs_reuses_the_candidate(pipeline: Pipeline) -> None:
     from pipelines.data.versioning import current_version, list_versions
 
     before = current_version(pipeline.project)
+    runs_before = len(pipeline.client().search_runs([pipeline.experiment_id()]))
     succeeded, states = pipeline.retrain()
     assert succeeded, f"the second retrain succeeds: {states}"
     assert current_version(pipeline.project) == before, "same data gives the same DVC version"
     assert len(list_versions(pipeline.project)) == 1, "and no new entry in the version log"
+    assert "unchanged since run" in pipeline.log_text(), "the train task says it reused the earlier run"
+    assert len(pipeline.client().search_runs([pipeline.experiment_id()])) == runs_before, "no new MLflow run"
+    registered = pipeline.client().search_model_versions("name = 'e2e-classifier'")
+    assert [version.version for version in registered] == ["1"], "no new registered version"
+    assert pipeline.alias("challenger") == "1", "the challenger is still version 1"
+
+
+def test_forced_retrain_trains_again_and_gates_against_the_champion(pipeline: Pipeline) -> None:
+    succeeded, states = pipeline.retrain(force=True)
+    assert succeeded, f"the forced retrain succeeds: {states}"
     client = pipeline.client()
     latest = client.get_model_version("e2e-classifier", "2")
     run_tags = client.get_run(latest.run_id).data.tags
     assert run_tags["gate.baseline"].startswith("champion (version 1)"), f"gated against the champion: {run_tags}"
+    first = client.get_run(client.get_model_version("e2e-classifier", "1").run_id).data.metrics
+    assert client.get_run(latest.run_id).data.metrics["test_accuracy"] == first["test_accuracy"], (
+        "training is deterministic: the same inputs give the same test accuracy in another process"
+    )
     assert pipeline.alias("challenger") == "2", "the new candidate is the challenger"
     assert pipeline.alias("champion") == "1", "the champion is untouched until a promotion"
 

@@ -71,7 +71,9 @@ def test_logged_model_has_signature_and_predicts(trained: tuple[Project, Any]) -
     info = mlflow.models.get_model_info(result.model_uri)
     assert info.signature is not None, "the model is logged with a signature"
     images, _ = load_arrays(project, "test")
-    probabilities = np.asarray(mlflow.pyfunc.load_model(result.model_uri).predict(images))
+    predictions = mlflow.pyfunc.load_model(result.model_uri).predict(images)
+    assert list(predictions.columns) == ["a", "b", "c", "class"], f"named class columns: {predictions.columns}"
+    probabilities = predictions[["a", "b", "c"]].to_numpy()
     assert probabilities.shape == (len(images), 3), f"one probability per class: {probabilities.shape}"
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4), "softmax outputs sum to one"
 
@@ -82,6 +84,67 @@ def test_finished_job_is_not_trained_twice(trained: tuple[Project, Any]) -> None
     project, result = trained
     again = train(project, job_id="first")
     assert again.run_id == result.run_id, "re-running a finished job returns its run, without a new one"
+
+
+def run_count(project: Project) -> int:
+    client = client_for(project)
+    return len(client.search_runs([client.get_experiment_by_name("tiny-retrain").experiment_id]))
+
+
+def test_unchanged_data_code_and_params_reuse_the_run(trained: tuple[Project, Any]) -> None:
+    from pipelines.training.train import train
+
+    project, result = trained
+    before = run_count(project)
+    again = train(project, job_id="unchanged")
+    assert again.reused, f"nothing changed, so the earlier run is reused: {again}"
+    assert again.run_id == result.run_id, "the same run comes back"
+    assert run_count(project) == before, "no new MLflow run is created"
+
+
+def test_force_trains_again_and_training_is_deterministic(trained: tuple[Project, Any]) -> None:
+    from pipelines.training.train import train
+
+    project, result = trained
+    before = run_count(project)
+    forced = train(project, job_id="forced", force=True)
+    assert not forced.reused, "force trains even though nothing changed"
+    assert forced.run_id != result.run_id, "a new run"
+    assert run_count(project) == before + 1, "exactly one new MLflow run"
+    assert forced.weights_checksum == result.weights_checksum, "same data, code and params: the same weights"
+    assert forced.val_accuracy == result.val_accuracy, "and the same metrics"
+
+
+def test_changed_data_params_or_code_change_the_fingerprint(trained: tuple[Project, Any], tmp_path: Path) -> None:
+    from pipelines.training import fingerprint as fingerprints
+    from pipelines.training.train import cached_result
+
+    project, result = trained
+    version = result.data_version
+    baseline = fingerprints.training_fingerprint(project, version)
+    assert cached_result(project, baseline) is not None, "the unchanged inputs find the earlier run"
+
+    other_data = fingerprints.training_fingerprint(project, "f" * 32)
+    params = project.config.model_copy(update={"train": project.config.train.model_copy(update={"epochs": 4})})
+    other_params = fingerprints.training_fingerprint(Project(project.root, params, project.params_file), version)
+    copy = tmp_path / "code"
+    for folder in fingerprints.CODE_FOLDERS:
+        shutil.copytree(fingerprints.PACKAGE_ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    architectures = copy / "models" / "architectures.py"
+    architectures.write_text(architectures.read_text(encoding="utf-8") + "\n# a changed line\n", encoding="utf-8")
+    assert fingerprints.code_digests(copy) != fingerprints.code_digests(), "an edited source file changes the digests"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fingerprints, "PACKAGE_ROOT", copy)
+        other_code = fingerprints.training_fingerprint(project, version)
+    changed = {"data": other_data, "params": other_params, "code": other_code}
+    for what, value in changed.items():
+        assert value != baseline, f"changed {what} gives another fingerprint"
+        assert cached_result(project, value) is None, f"changed {what}: nothing to reuse, so train() trains"
+    max_restarts = project.config.model_copy(
+        update={"train": project.config.train.model_copy(update={"max_restarts": 5})}
+    )
+    same = fingerprints.training_fingerprint(Project(project.root, max_restarts, project.params_file), version)
+    assert same == baseline, "how often to retry does not change the weights, so it is not in the fingerprint"
 
 
 def test_evaluate_gate_register_first_model_then_idempotent(trained: tuple[Project, Any]) -> None:
@@ -118,7 +181,7 @@ def test_second_run_is_gated_against_the_champion(trained: tuple[Project, Any]) 
     project, _ = trained
     client = client_for(project)
     client.set_registered_model_alias("tiny-classifier", "champion", "1")
-    candidate = train(project, job_id="second")
+    candidate = train(project, job_id="second", force=True)
     evaluation = evaluate_candidate(project, candidate.run_id)
     assert evaluation.champion_version == "1", "the candidate is compared with the champion"
     assert evaluation.mcnemar_p_value is not None, "paired statistics are computed against the champion"
