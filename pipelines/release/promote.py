@@ -25,7 +25,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +34,9 @@ from pipelines.files import write_atomic
 from pipelines.project import CHALLENGER_ALIAS, CHAMPION_ALIAS, Project
 
 HISTORY_TAG_PREFIX = "champion_history."
+"""Where releases before the ledger kept the history (tags of the registered model); still read."""
+LEDGER_SUFFIX = ".champion-ledger"
+ENTRY_TAG = "entry"
 INFRA_TAG = "infra_validation"
 """Set on a version by :func:`infra_validate`: ``passed ...`` or ``skipped (forced): ...``."""
 PROFILE_ARTIFACT = "data/profile.json"
@@ -55,6 +58,8 @@ class HistoryEntry:
     reason: str
     forced: bool
     action: str
+    ledger_version: int | None = None
+    """The ledger model's version recording this change (None for entries kept as tags before the ledger)."""
 
 
 @dataclass(frozen=True)
@@ -100,28 +105,71 @@ def _client(project: Project) -> Any:
     return MlflowClient()
 
 
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
 def _alias_version(client: Any, name: str, alias: str) -> str | None:
+    """The version holding ``alias``, None when none does; a server that is away is waited for, not read as none."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.tracking import with_retries
+
+    def read() -> str | None:
+        try:
+            return str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as error:
+            if error.error_code in _MISSING:
+                return None
+            raise
+
+    return with_retries(read, f"read the alias {alias!r} of {name}")
+
+
+def ledger_name(model_name: str) -> str:
+    """The registered model whose versions are the champion changes of ``model_name``, in order."""
+    return f"{model_name}{LEDGER_SUFFIX}"
+
+
+def _ledger(client: Any, model_name: str) -> list[tuple[int, dict[str, Any]]]:
+    """(ledger version, entry) of every champion change recorded in the ledger, oldest first."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+        versions = client.search_model_versions(f"name = '{ledger_name(model_name)}'")
+    except MlflowException as error:
+        if error.error_code in _MISSING:
+            return []
+        raise
+    entries = [(int(item.version), json.loads(item.tags[ENTRY_TAG])) for item in versions if ENTRY_TAG in item.tags]
+    return sorted(entries, key=lambda pair: pair[0])
 
 
 def champion_history(project: Project) -> list[HistoryEntry]:
-    """Every change of champion, oldest first."""
+    """Every change of champion, oldest first.
+
+    Changes are versions of the ledger model (:func:`ledger_name`), numbered by the registry itself, so
+    promotions from several hosts at once are ordered without a shared lock; each entry's ``previous`` is
+    the version of the entry before it. Entries kept as tags of the registered model by earlier releases
+    come first.
+    """
     from mlflow.exceptions import MlflowException
 
     client = _client(project)
+    name = project.config.registry.model_name
     try:
-        model = client.get_registered_model(project.config.registry.model_name)
-    except MlflowException:
-        return []
-    entries = [
-        HistoryEntry(**json.loads(value)) for key, value in model.tags.items() if key.startswith(HISTORY_TAG_PREFIX)
-    ]
-    return sorted(entries, key=lambda entry: entry.sequence)
+        tags = client.get_registered_model(name).tags
+    except MlflowException as error:
+        if error.error_code in _MISSING:
+            return []
+        raise
+    history = sorted(
+        (HistoryEntry(**json.loads(value)) for key, value in tags.items() if key.startswith(HISTORY_TAG_PREFIX)),
+        key=lambda entry: entry.sequence,
+    )
+    for number, recorded in _ledger(client, name):
+        previous = history[-1].version if history else None
+        history.append(HistoryEntry(sequence=len(history) + 1, previous=previous, ledger_version=number, **recorded))
+    return history
 
 
 def champion_at(project: Project, when: datetime) -> HistoryEntry | None:
@@ -151,7 +199,15 @@ def resolve_version(project: Project, spec: str) -> str:
         history = champion_history(project)
         if not history or history[-1].previous is None:
             raise PromotionError(f"{name}: there is no previous champion to roll back to")
-        return history[-1].previous
+        previous = history[-1].previous
+        try:
+            client.get_model_version(name, previous)
+        except MlflowException:
+            raise PromotionError(
+                f"{name}: the previous champion, version {previous}, is no longer in the registry (deleted by hand?); "
+                "roll back by promoting a version that exists (version=N)"
+            ) from None
+        return previous
     if not re.fullmatch(r"[0-9]+", spec):
         raise PromotionError(f"version: expected a number, 'challenger' or 'previous', got {spec!r}")
     try:
@@ -291,45 +347,102 @@ def set_champion(
             "validate it first (the promote DAG does), or force it (recorded)"
         )
     actor = actor or os.environ.get("MLOPS_USER") or getpass.getuser()
-    with registry_lock(project):
-        previous = _alias_version(client, name, CHAMPION_ALIAS)
-        if previous == version:
-            return PromotionResult(version=version, previous=previous, changed=False, forced=forced)
+    with registry_lock(project):  # this host; the ledger orders promotions across hosts
+        current = _alias_version(client, name, CHAMPION_ALIAS)
+        if current == version:
+            return PromotionResult(version=version, previous=current, changed=False, forced=forced)
         history = champion_history(project)
         rollback = bool(history) and history[-1].previous == version
-        entry = HistoryEntry(
-            sequence=(history[-1].sequence + 1) if history else 1,
-            version=version,
-            previous=previous,
-            at=datetime.now(UTC).isoformat(timespec="seconds"),
-            by=actor,
-            reason=reason.strip(),
-            forced=forced,
-            action="rollback" if rollback else "promote",
-        )
+        entry = {
+            "version": version,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "by": actor,
+            "reason": reason.strip(),
+            "forced": forced,
+            "action": "rollback" if rollback else "promote",
+        }
+        recorded_as = _record_change(client, name, version, entry)
+        champion = _converge_champion(client, name)
+        history = champion_history(project)
+        ours = next((item for item in history if item.ledger_version == recorded_as), None)
+        previous = ours.previous if ours is not None else current
         audit = {
-            "promoted_by": entry.by,
-            "promoted_at": entry.at,
-            "promotion_reason": entry.reason,
+            "promoted_by": actor,
+            "promoted_at": entry["at"],
+            "promotion_reason": entry["reason"],
             "promotion_forced": str(forced).lower(),
             "replaced_version": previous or "none",
         }
 
-        def record() -> None:
-            # History first: if a later write fails, the history still tells what was attempted,
-            # and the retried task writes the same entry again (same sequence key).
-            client.set_registered_model_tag(
-                name, f"{HISTORY_TAG_PREFIX}{entry.sequence:06d}", json.dumps(asdict(entry))
-            )
-            client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+        def tag() -> None:
             for key, value in audit.items():
                 client.set_model_version_tag(name, version, key, value)
             if previous is not None:
-                client.set_model_version_tag(name, previous, "retired_at", entry.at)
+                client.set_model_version_tag(name, previous, "retired_at", entry["at"])
 
-        with_retries(record, f"make version {version} champion")
-        _install_reference_profile(project, client, version)
+        with_retries(tag, f"record the promotion of version {version}")
+        if champion == version:
+            _install_reference_profile(project, client, version)
+        else:
+            print(f"note: a promotion recorded after this one (elsewhere) made version {champion} champion")
     return PromotionResult(version=version, previous=previous, changed=True, forced=forced)
+
+
+def _record_change(client: Any, name: str, version: str, entry: dict[str, Any]) -> int:
+    """Append ``entry`` to the ledger and return its ledger version (a retry finding it last appends nothing).
+
+    The registry numbers the ledger's versions itself, atomically: that is the order of the history.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.tracking import with_retries
+
+    ledger = ledger_name(name)
+    recorded = _ledger(client, name)
+    if recorded and recorded[-1][1]["version"] == version and recorded[-1][1]["reason"] == entry["reason"]:
+        return recorded[-1][0]
+    try:
+        client.create_registered_model(
+            ledger, description=f"Every change of champion of {name}, in order: one version per promotion or rollback"
+        )
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    promoted = client.get_model_version(name, version)
+
+    def create() -> Any:
+        return client.create_model_version(
+            ledger,
+            promoted.source,
+            run_id=promoted.run_id,
+            tags={ENTRY_TAG: json.dumps(entry), "model_version": version},
+            description=f"{entry['action']} version {version}: {entry['reason']}",
+        )
+
+    return int(with_retries(create, f"record the promotion of version {version}").version)
+
+
+def _converge_champion(client: Any, name: str, rounds: int = 10) -> str | None:
+    """Point ``champion`` at the newest ledger entry's version until the ledger stops changing; return it.
+
+    Every promoter does this after recording its entry, so whatever the interleaving across hosts the alias
+    ends on the version of the last recorded change.
+    """
+    from pipelines.tracking import with_retries
+
+    target: str | None = None
+    for _ in range(rounds):
+        recorded = _ledger(client, name)
+        newest = str(recorded[-1][1]["version"]) if recorded else None
+        if newest is None or newest == target:
+            return target
+        target = newest
+
+        def point(version: str = newest) -> None:
+            client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+
+        with_retries(point, f"point the champion alias at version {newest}")
+    return target
 
 
 def _install_reference_profile(project: Project, client: Any, version: str) -> None:

@@ -2,7 +2,8 @@
 
 The version is tagged with everything needed to trace it: data version, run id, gate verdict, git
 commit and Airflow run. A candidate that failed stays a run tagged ``gate=failed`` and the registry is
-left unchanged. Registering the same run twice returns the version registered the first time.
+left unchanged. Registering the same run twice (a retried task, or two hosts at once) leaves one version:
+the one registered first.
 """
 
 from __future__ import annotations
@@ -81,9 +82,27 @@ def register_candidate(project: Project, run_id: str) -> RegistrationResult:
         else:
             tags = {key: run.data.tags[key] for key in TRACED_RUN_TAGS if key in run.data.tags}
             tags.update({"run_id": run_id, "gate": "passed", "gate.baseline": run.data.tags.get("gate.baseline", "")})
-            version = with_retries(
+            created = with_retries(
                 lambda: mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags), "register the model"
             )
-            reason = "registered"
-        client.set_registered_model_alias(name, CHALLENGER_ALIAS, str(version.version))
+            version = _keep_first_registration(client, name, run_id, created)
+            reason = "registered" if version.version == created.version else "already registered (on another host)"
+        with_retries(
+            lambda: client.set_registered_model_alias(name, CHALLENGER_ALIAS, str(version.version)),
+            "point the challenger alias at the new version",
+        )
     return RegistrationResult(run_id, True, str(version.version), reason)
+
+
+def _keep_first_registration(client: Any, name: str, run_id: str, created: Any) -> Any:
+    """One version per run, also when two hosts registered the same run at once: the oldest one stays.
+
+    The lock above serialises registrations on one host only. Every registrant re-reads the versions of the
+    run after creating its own and deletes its own unless it is the oldest, so all of them converge on the
+    same single version whatever the interleaving.
+    """
+    versions = versions_of_run(client, name, run_id)
+    first = versions[0] if versions else created
+    if str(first.version) != str(created.version):
+        client.delete_model_version(name, str(created.version))
+    return first

@@ -13,6 +13,9 @@ call. The real check runs in the ``infra_validate`` tests.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,10 +93,14 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 
 def reset_champion(project: Project) -> None:
     """Delete the champion alias, the champion history and the audit tags of every version."""
+    from mlflow.exceptions import MlflowException
+
     from pipelines.project import CHAMPION_ALIAS
-    from pipelines.release.promote import HISTORY_TAG_PREFIX
+    from pipelines.release.promote import HISTORY_TAG_PREFIX, ledger_name
 
     client = client_for(project)
+    with contextlib.suppress(MlflowException):  # no promotion recorded yet
+        client.delete_registered_model(ledger_name(MODEL))
     model = client.get_registered_model(MODEL)
     if CHAMPION_ALIAS in model.aliases:
         client.delete_registered_model_alias(MODEL, CHAMPION_ALIAS)
@@ -359,6 +366,79 @@ def test_concurrent_promotions_keep_one_champion_and_a_consistent_history(no_cha
         assert history[-1].version == champion(no_champion) == holders[0], (
             f"round {round_number}: the last history entry is the current champion: {history}"
         )
+
+
+PROMOTE_IN_ANOTHER_HOST = """
+import sys, time
+from pathlib import Path
+from pipelines.project import Project
+from pipelines.release.promote import set_champion
+project = Project.load(Path(sys.argv[1]))
+start_at = float(sys.argv[3])
+time.sleep(max(0.0, start_at - time.time()))
+result = set_champion(project, sys.argv[2], "from another host " + sys.argv[2])
+print(result.version, result.previous)
+"""
+
+
+def test_promotions_from_two_hosts_keep_one_champion_and_a_complete_ordered_history(
+    no_champion: Project, tmp_path: Path
+) -> None:
+    """Two processes with their own project roots (so no shared file lock) against one tracking store."""
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.release.promote import INFRA_TAG, champion_history, set_champion
+    from pipelines.tracking import tracking_uri
+
+    client_for(no_champion).set_model_version_tag(MODEL, "3", INFRA_TAG, "passed (fixture)")
+    set_champion(no_champion, "1", "baseline")
+    roots = []
+    for host in ("host-a", "host-b"):
+        root = tmp_path / host
+        root.mkdir()
+        (root / "params.yaml").write_bytes((no_champion.root / "params.yaml").read_bytes())
+        roots.append(root)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(no_champion), "MLOPS_USER": "another-host"}
+    start_at = time.time() + 8.0  # both start at the same moment, after their imports
+    hosts = [
+        subprocess.Popen(
+            [sys.executable, "-c", PROMOTE_IN_ANOTHER_HOST, str(root / "params.yaml"), version, str(start_at)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for root, version in zip(roots, ("2", "3"), strict=True)
+    ]
+    outputs = [host.communicate(timeout=180) for host in hosts]
+    assert [host.returncode for host in hosts] == [0, 0], f"both promotions complete: {outputs}"
+    history = champion_history(no_champion)
+    assert history[0].version == "1", f"the baseline comes first: {history}"
+    assert sorted(entry.version for entry in history[1:]) == ["2", "3"], f"no entry is lost: {history}"
+    assert [entry.sequence for entry in history] == [1, 2, 3], f"one ordered sequence: {history}"
+    for before, after in itertools.pairwise(history):
+        assert after.previous == before.version, f"each entry replaced the one before it: {history}"
+    assert champion(no_champion) == history[-1].version, f"the champion is the last recorded change: {history}"
+
+
+def test_rollback_to_a_version_deleted_by_hand_fails_clearly(no_champion: Project) -> None:
+    import mlflow
+
+    from pipelines.release.promote import INFRA_TAG, resolve_version, set_champion
+
+    client = client_for(no_champion)
+    run_id = client.get_model_version(MODEL, "1").run_id
+    extra = str(mlflow.register_model(f"runs:/{run_id}/model", MODEL, tags={"gate": "passed"}).version)
+    client.set_model_version_tag(MODEL, extra, INFRA_TAG, "passed (fixture)")
+    set_champion(no_champion, extra, "short-lived")
+    set_champion(no_champion, "1", "back to one")
+    assert resolve_version(no_champion, "previous") == extra, "before the deletion, previous is the extra version"
+    client.delete_model_version(MODEL, extra)
+    with pytest.raises(PromotionError, match=rf"previous champion, version {extra}, is no longer in the registry"):
+        resolve_version(no_champion, "previous")
+    assert champion(no_champion) == "1", "the champion is unchanged"
 
 
 # infra validation (fresh process, real model)

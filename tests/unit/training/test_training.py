@@ -253,3 +253,46 @@ def test_unreachable_tracking_server_is_retried_then_reported(tmp_path: Path, mo
     project = Project.load(write_params(tmp_path))
     with pytest.raises(TrackingError, match=r"unreachable .* \(3 attempts\)"):
         connect(project)
+
+
+REGISTER_ON_ANOTHER_HOST = """
+import sys, time
+from pathlib import Path
+from pipelines.project import Project
+from pipelines.release.register import register_candidate
+project = Project.load(Path(sys.argv[1]))
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
+print(register_candidate(project, sys.argv[2]).version)
+"""
+
+
+def test_two_hosts_registering_one_run_leave_one_version(trained: tuple[Project, Any], tmp_path: Path) -> None:
+    """Separate project roots (no shared file lock), one tracking store, the same run registered at once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.release.register import versions_of_run
+    from pipelines.tracking import tracking_uri
+    from pipelines.training.train import train
+
+    project, _ = trained
+    run_id = train(project, job_id="register-race", force=True).run_id
+    client = client_for(project)
+    client.set_tag(run_id, "gate", "passed")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(project)}
+    start_at = time.time() + 8.0
+    hosts = []
+    for host in ("host-a", "host-b"):
+        root = tmp_path / host
+        root.mkdir()
+        shutil.copy(project.root / "params.yaml", root / "params.yaml")
+        command = [sys.executable, "-c", REGISTER_ON_ANOTHER_HOST, str(root / "params.yaml"), run_id, str(start_at)]
+        hosts.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [host.communicate(timeout=180) for host in hosts]
+    assert [host.returncode for host in hosts] == [0, 0], f"both registrations complete: {outputs}"
+    versions = versions_of_run(client, "tiny-classifier", run_id)
+    assert len(versions) == 1, f"one version for the run, whatever the interleaving: {[v.version for v in versions]}"
+    answered = {output.strip().splitlines()[-1] for output, _ in outputs}
+    assert answered == {str(versions[0].version)}, f"both hosts report the version that stayed: {outputs}"
