@@ -10,11 +10,10 @@
     When ``$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE`` and ``$AIRFLOW_ADMIN_PASSWORD`` are set
     (the API server only), also write the Simple auth manager's password file for
     ``$AIRFLOW_ADMIN_USERNAME``, so the admin password comes from ``docker/.env`` and is never generated.
-``python bootstrap.py mlflow-auth-config PATH``
-    ``check-env``, then write MLflow's basic-auth configuration to ``PATH``: users and permissions are
-    stored in ``$MLFLOW_AUTH_DATABASE_URI`` (default: ``$MLFLOW_BACKEND_STORE_URI``; MLflow keeps them in
-    their own tables, with their own migration table). The admin account comes from
-    ``$MLFLOW_AUTH_ADMIN_USERNAME``/``$MLFLOW_AUTH_ADMIN_PASSWORD``, read by MLflow itself.
+
+The MLflow container runs ``check-env``, then ``mlflow/start-server.sh``, the project's one MLflow
+launcher (it renders MLflow's basic-auth file itself). The containers without Python (PostgreSQL, Redis,
+the S3 store and its set-up) refuse placeholders with ``docker/check-env.sh``, the same rule in shell.
 
 Standard library only, except PyYAML for ``airflow`` (a locked dependency of the project). Every file is
 written to a temporary file beside its target, then renamed into place: several containers start at once
@@ -24,8 +23,6 @@ and share the project volume, and a reader sees the old file or the new one, nev
 from __future__ import annotations
 
 import argparse
-import configparser
-import io
 import json
 import os
 import sys
@@ -109,28 +106,6 @@ def write_password_file(path: Path, username: str, password: str) -> None:
     write_atomic(path, json.dumps({username: password}) + "\n", mode=0o600)
 
 
-def mlflow_auth_config(database_uri: str, default_permission: str = "READ") -> str:
-    """The text of MLflow's basic-auth ini file (``MLFLOW_AUTH_CONFIG_PATH``) for ``database_uri``."""
-    if not database_uri.strip():
-        raise BootstrapError("no database for MLflow's users: set MLFLOW_AUTH_DATABASE_URI or MLFLOW_BACKEND_STORE_URI")
-    if "\n" in database_uri or "\r" in database_uri:
-        raise BootstrapError("the MLflow auth database URI must be one line")
-    if default_permission not in {"READ", "EDIT", "MANAGE", "NO_PERMISSIONS"}:
-        raise BootstrapError(f"MLFLOW_AUTH_DEFAULT_PERMISSION: unknown permission {default_permission!r}")
-    parser = configparser.RawConfigParser()
-    parser["mlflow"] = {
-        "default_permission": default_permission,
-        # MLflow reads this file with interpolation: a literal % (URL-encoded password) must be doubled.
-        "database_uri": database_uri.replace("%", "%%"),
-        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
-    }
-    text = io.StringIO()
-    text.write("# Generated at container start by docker/bootstrap.py; the admin account comes from\n")
-    text.write("# MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD, read by MLflow itself.\n")
-    parser.write(text)
-    return text.getvalue()
-
-
 def bootstrap_airflow(environ: Mapping[str, str]) -> list[str]:
     """The ``airflow`` command; return what was done, one line per file written."""
     check_env(environ)
@@ -157,22 +132,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check-env", help="refuse placeholder values from .env.example")
     commands.add_parser("airflow", help="check-env, write $MLOPS_PARAMS and the Airflow admin password file")
-    auth = commands.add_parser("mlflow-auth-config", help="check-env, write MLflow's basic-auth ini file")
-    auth.add_argument("path", type=Path)
     args = parser.parse_args(argv)
     env = os.environ if environ is None else environ
     try:
         if args.command == "check-env":
             check_env(env)
-        elif args.command == "airflow":
+        else:
             for line in bootstrap_airflow(env):
                 print(f"bootstrap: {line}", flush=True)
-        else:
-            check_env(env)
-            database_uri = env.get("MLFLOW_AUTH_DATABASE_URI") or env.get("MLFLOW_BACKEND_STORE_URI", "")
-            text = mlflow_auth_config(database_uri, env.get("MLFLOW_AUTH_DEFAULT_PERMISSION", "READ"))
-            write_atomic(args.path, text, mode=0o600)
-            print(f"bootstrap: wrote MLflow's basic-auth configuration to {args.path}", flush=True)
     except BootstrapError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG

@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1.7
 #
 # The MLflow tracking server of the scaled-out deployment (docker/compose.yaml): PostgreSQL backend
-# store, artifacts proxied to S3 (--serve-artifacts), basic auth when MLFLOW_AUTH=basic. The command
-# is built from the environment by docker/mlflow-entrypoint.sh.
+# store, artifacts proxied to S3 (--serve-artifacts), basic auth when MLFLOW_AUTH=basic. It runs the
+# project's one launcher, mlflow/start-server.sh (the same script as outside Docker), after
+# docker/mlflow-entrypoint.sh has refused placeholder secrets.
 #
 # Versions: the same uv.lock as the pipeline, so server and clients run the same MLflow. The lock is
 # exported in a first stage; the server installs only what it needs (mlflow with its `auth` extra,
@@ -34,6 +35,7 @@ RUN --mount=type=bind,from=uv,source=/uv,target=/usr/local/bin/uv \
     && python /opt/mlflow-image/check_lock.py /opt/mlflow-image/requirements.txt --installed-only \
         --require mlflow --require psycopg2-binary --require boto3 --require flask-wtf \
         --ignore pip --ignore setuptools --ignore wheel
+COPY --chmod=0755 mlflow/start-server.sh /opt/mlflow-image/start-server.sh
 COPY --chmod=0755 docker/mlflow-entrypoint.sh /usr/local/bin/mlflow-entrypoint
 RUN groupadd --system --gid 10001 mlflow \
     && useradd --system --uid 10001 --gid mlflow --home-dir /home/mlflow --create-home \

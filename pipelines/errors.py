@@ -30,3 +30,7 @@ class VersioningError(PipelineError):
     """DVC could not version, push or restore the dataset."""
 
     retryable = True
+
+
+class PromotionError(PipelineError):
+    """The version cannot be promoted (unknown, failed gate, failed infra validation)."""

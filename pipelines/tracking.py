@@ -45,6 +45,10 @@ ATTEMPTS_ENV = "MLOPS_TRACKING_ATTEMPTS"
 BASE_DELAY_ENV = "MLOPS_TRACKING_BASE_DELAY"
 
 
+TRANSIENT_MARKERS = ("Connection", "Max retries", "503", "502", "504", "timed out", "database is locked")
+"""Text of an MLflow error that waiting may cure (a server away, overloaded, or SQLite busy)."""
+
+
 def _is_transient(error: BaseException) -> bool:
     """A failure that waiting may cure: the server is unreachable, timed out or answered 502/503/504."""
     import requests
@@ -54,7 +58,7 @@ def _is_transient(error: BaseException) -> bool:
         return True
     if isinstance(error, MlflowException):
         text = str(error)
-        return any(marker in text for marker in ("Connection", "Max retries", "503", "502", "504", "timed out"))
+        return any(marker in text for marker in TRANSIENT_MARKERS)
     return False
 
 
@@ -78,7 +82,7 @@ def with_retries(action: Callable[[], T], what: str, attempts: int | None = None
     except tenacity.RetryError as error:
         last = error.last_attempt.exception()
         raise TrackingError(
-            f"MLflow tracking server unreachable while trying to {what} ({attempts} attempts): {last}"
+            redact(f"MLflow tracking server unreachable while trying to {what} ({attempts} attempts): {last}")
         ) from None
 
 
@@ -153,3 +157,24 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     if isinstance(value, list | tuple):
         return {prefix: ",".join(str(item) for item in value)}
     return {prefix: str(value)}
+
+
+def redact(text: str) -> str:
+    """``text`` with the secrets of URLs in it replaced by ``***``, for every error and log line the project writes.
+
+    A password in a URL's user information (``scheme://user:PASSWORD@host``, also ``redis://:PASSWORD@``)
+    and the value of a secret-looking query parameter (``password=``, ``token=``, ``secret=``, S3 signatures
+    and credentials) become ``***``; user names, hosts and paths stay, so the message still says where.
+    """
+    import re
+
+    # Everything up to the URL's last '@' is hidden: never less than the password, even one holding a raw
+    # '@' or '/'.
+    text = re.sub(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*:)[^\s'\"<>]*@", r"\1***@", text)
+    return re.sub(
+        r"([?&](?:password|passwd|pwd|secret|[a-z_]*token|api_?key|x-amz-signature|x-amz-credential"
+        r"|x-amz-security-token|awsaccesskeyid|signature)=)[^&\s#'\"]+",
+        r"\1***",
+        text,
+        flags=re.IGNORECASE,
+    )

@@ -1,10 +1,12 @@
-"""How this project talks to DVC: the project set-up, the remote, the lock, and ``data.dvc``.
+"""How this project talks to DVC: the project set-up, the remote, the lock, and running DVC commands.
 
 Every DVC command runs as ``python -m dvc ...`` in a subprocess (:func:`run_dvc`). The command line is
 DVC's stable interface (``dvc.repo.Repo`` is internal and changes between releases); a subprocess keeps
 DVC's in-process state (caches, file-system instances, loggers, progress bars) out of the caller, whether
 that is an Airflow task, the ``mlops`` command or a test session. In-process, this module only edits
-``.dvc/config.local`` (through :class:`dvc.config.Config`) and reads ``data.dvc`` and the cache.
+``.dvc/config.local`` (through :class:`dvc.config.Config`); what DVC records about a data version
+(``data.dvc``, the objects in the cache or the remote, ``data/`` against a version) is
+:mod:`pipelines.data.dvc_objects`.
 
 The remote, ``version.remote``, is a local folder (relative to the project root) or
 ``s3://bucket/prefix``. It is written to ``.dvc/config.local`` as the default remote ``mlops``, so the
@@ -20,27 +22,20 @@ retried with backoff.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from pipelines.errors import VersioningError
-from pipelines.files import LockTimeoutError, exclusive_lock, write_atomic
+from pipelines.files import LockTimeoutError, exclusive_lock
 from pipelines.project import Project
+from pipelines.tracking import redact
 
 logger = logging.getLogger(__name__)
-
-DVC_FILE = "data.dvc"
-"""DVC's pointer to ``data/``, at the project root."""
 
 REMOTE_NAME = "mlops"
 """Name of the default remote written to ``.dvc/config.local``."""
@@ -58,7 +53,6 @@ DVC_LOCK_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 """Backoff, in seconds, when DVC reports its own lock as taken."""
 
 _DVC_LOCK_MESSAGE = "Unable to acquire lock"
-_VERSION_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 # ------------------------------------------------------------------------------------------ locking
 
@@ -150,14 +144,16 @@ def _remote_settings(project: Project) -> dict[str, str]:
         raise VersioningError("version.remote is empty: set a folder or an s3://bucket/prefix")
     if remote.startswith("s3://"):
         if len(remote) <= len("s3://") or remote[len("s3://")] == "/":
-            raise VersioningError(f"version.remote {remote!r} names no bucket")
+            raise VersioningError(redact(f"version.remote {remote!r} names no bucket"))
         settings = {"url": remote}
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "").strip()
         if endpoint:
             settings["endpointurl"] = endpoint
         return settings
     if "://" in remote:
-        raise VersioningError(f"version.remote {remote!r}: only a local folder or an s3://bucket/prefix is supported")
+        raise VersioningError(
+            redact(f"version.remote {remote!r}: only a local folder or an s3://bucket/prefix is supported")
+        )
     return {"url": str(project.path(remote).resolve())}
 
 
@@ -173,7 +169,15 @@ def _configure(root: Path, settings: dict[str, str]) -> None:
             local["core"]["autostage"] = "false"
             local["remote"][REMOTE_NAME] = settings  # replaces the whole section: no stale keys
     except ConfigError as error:
-        raise VersioningError(f"cannot configure the DVC remote: {error}") from None
+        raise VersioningError(redact(f"cannot configure the DVC remote: {error}")) from None
+
+
+def remote_label(project: Project) -> str:
+    """The remote as an error message names it: ``version.remote``, and the S3 endpoint when one is set (redacted)."""
+    remote = project.config.version.remote.strip()
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "").strip()
+    label = f"{remote!r} (endpoint {endpoint})" if remote.startswith("s3://") and endpoint else repr(remote)
+    return redact(label)
 
 
 def cache_dir(root: Path) -> Path:
@@ -214,89 +218,11 @@ def run_dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     for delay in (*DVC_LOCK_RETRY_DELAYS, None):
         result = subprocess.run(command, cwd=root, env=_dvc_env(), capture_output=True, text=True, check=False)
         if result.returncode == 0:
-            logger.debug("dvc %s: %s", " ".join(args), result.stdout.strip())
+            logger.debug("dvc %s: %s", " ".join(args), redact(result.stdout.strip()))
             return result
         if _DVC_LOCK_MESSAGE in result.stderr and delay is not None:
             logger.info("DVC's lock is taken; retrying `dvc %s` in %.1f s", args[0], delay)
             time.sleep(delay)
             continue
         break
-    raise VersioningError(f"dvc {args[0]} failed: {_dvc_message(result.stderr, result.stdout)}")
-
-
-# ------------------------------------------------------------------------------------------ data.dvc
-
-
-def parse_version(version: str) -> str:
-    """Normalise ``version`` (case, surrounding blanks, a ``.dir`` suffix) or refuse it."""
-    text = str(version).strip().lower().removesuffix(".dir")
-    if not _VERSION_PATTERN.fullmatch(text):
-        raise VersioningError(f"not a data version: {version!r} (expected 32 hex characters)")
-    return text
-
-
-def read_dvc_file(path: Path) -> tuple[str, int, int]:
-    """The version, file count and byte count recorded in ``data.dvc``."""
-    try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
-        out = content["outs"][0]
-        md5 = str(out["md5"])
-        files, size = int(out.get("nfiles", 0)), int(out.get("size", 0))
-    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError, ValueError) as error:
-        raise VersioningError(f"{path}: not a DVC file for data/ ({error})") from None
-    if not md5.endswith(".dir"):
-        raise VersioningError(f"{path}: tracks a single file, not the data/ folder")
-    return parse_version(md5), files, size
-
-
-def dvc_file_text(previous: bytes | None, version: str, files: int = 0, size: int = 0) -> str:
-    """``data.dvc`` for ``version``, keeping any extra settings of the previous one (e.g. ``remote``)."""
-    out: dict[str, Any] = {}
-    document: dict[str, Any] = {}
-    if previous is not None:
-        with contextlib.suppress(yaml.YAMLError, UnicodeDecodeError):
-            loaded = yaml.safe_load(previous.decode("utf-8"))
-            if isinstance(loaded, dict) and isinstance(loaded.get("outs"), list) and len(loaded["outs"]) == 1:
-                document = loaded
-                if isinstance(loaded["outs"][0], dict):
-                    out = dict(loaded["outs"][0])
-    for key in ("md5", "size", "nfiles", "hash", "path"):
-        out.pop(key, None)
-    entry: dict[str, Any] = {"md5": f"{version}.dir"}
-    if files:
-        entry.update(size=size, nfiles=files)
-    entry.update(hash="md5", path="data", **out)
-    document = {**document, "outs": [entry]}
-    return yaml.safe_dump(document, sort_keys=False)
-
-
-def restore_dvc_file(path: Path, previous: bytes | None) -> None:
-    """Put ``data.dvc`` back to ``previous`` (its bytes before a change), or remove it if there was none."""
-    if previous is None:
-        path.unlink(missing_ok=True)
-    else:
-        write_atomic(path, previous.decode("utf-8"))
-
-
-def missing_objects(root: Path, version: str) -> list[str]:
-    """Objects of ``version`` absent from the local cache (after a fetch: absent from the remote too)."""
-    objects = cache_dir(root) / "files" / "md5"
-    dir_object = objects / version[:2] / f"{version[2:]}.dir"
-    if not dir_object.is_file():
-        return [f"{version}.dir"]
-    try:
-        entries = json.loads(dir_object.read_text(encoding="utf-8"))
-        digests = [str(entry["md5"]) for entry in entries]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise VersioningError(f"data version {version}: unreadable directory object ({error})") from None
-    return [digest for digest in digests if not (objects / digest[:2] / digest[2:]).is_file()]
-
-
-def count_files(folder: Path) -> tuple[int, int]:
-    """Number of files under ``folder`` and their total size in bytes."""
-    files = size = 0
-    for directory, _, names in os.walk(folder):
-        for name in names:
-            files += 1
-            size += os.stat(os.path.join(directory, name)).st_size
-    return files, size
+    raise VersioningError(redact(f"dvc {args[0]} failed: {_dvc_message(result.stderr, result.stdout)}"))

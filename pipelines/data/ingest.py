@@ -4,29 +4,41 @@ The sources are :mod:`pipelines.data.sources`; every image is normalised by
 :func:`pipelines.data.images.normalise_image` (configured channels and size, re-encoded as PNG). Splits
 (train/val/test) are stratified per class and stable: an image keeps the split it had in the dataset being
 replaced, new images fill each class's splits towards the configured fractions in order of their sha256,
-and identical images are one image, so none can sit in two splits. Everything is written to a staging
-folder and renamed into place only when complete.
+and identical images are one image, so none can sit in two splits.
+
+The dataset is ``data/<name>/images.zip`` (one stored ZIP whose members are named by the manifest's paths,
+``images/<label>/<sha256[:16]>.png``: :mod:`pipelines.data.packs`) and ``manifest.csv``. The same source
+gives a byte-identical pack, hence the same data version. A large source is decoded, normalised and
+encoded on every core (:mod:`pipelines.data.parallel`), the results taken in source order, so the output is
+what one process would write. Everything is written to a staging folder of this run outside ``data/`` and
+renamed into place only when complete, under the dataset's lock (:mod:`pipelines.data.staging`): a failure
+(a bad image, a full disk) or a kill leaves ``data/`` as it was, and the next run removes what a killed run
+left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
-import os
-import shutil
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pipelines.config import SPLITS
+from pipelines.config import SPLITS, Config
+from pipelines.data import parallel
+from pipelines.data.feedback import with_feedback
 from pipelines.data.images import RawImage, normalise_image
 from pipelines.data.manifest import ManifestRow, read_manifest, write_manifest
+from pipelines.data.packs import DatasetReadError, PackWriter, pack_path
 from pipelines.data.sources import read_source
+from pipelines.data.staging import StagingArea, staging_area
 from pipelines.errors import IngestError, PipelineError
 from pipelines.files import write_json_atomic
 from pipelines.project import MANIFEST_NAME, Project
@@ -95,36 +107,72 @@ def smallest_class_size(minimum_per_split: int, fractions: Mapping[str, float]) 
     return count
 
 
-def _collect(
-    raw_images: Iterator[RawImage], total: int | None, project: Project, staging: Path
-) -> tuple[list[ManifestRow], int]:
-    config = project.config
+def _normalise_chunk(config: Config, raws: list[RawImage]) -> list[tuple[str, str, bytes, str]]:
+    """(origin, label, normalised PNG bytes, sha256) of each of ``raws``, in order: ingest's per-image work.
+
+    Runs in a worker process for a large source (:mod:`pipelines.data.parallel`), in this one otherwise;
+    the first bad image raises its :class:`IngestError`, naming it.
+    """
     classes = set(config.dataset.classes)
+    normalised: list[tuple[str, str, bytes, str]] = []
+    for raw in raws:
+        if raw.label not in classes:
+            raise IngestError(f"{raw.origin}: label {raw.label!r} is not in dataset.classes")
+        data = normalise_image(raw, config)
+        normalised.append((raw.origin, raw.label, data, hashlib.sha256(data).hexdigest()))
+    return normalised
+
+
+def _normalised(
+    raw_images: Iterator[RawImage], total: int | None, config: Config
+) -> Generator[tuple[str, str, bytes, str], None, None]:
+    """:func:`_normalise_chunk` over the whole source, in source order; on the machine's cores when it is large."""
+    work = functools.partial(_normalise_chunk, config)
+    workers = parallel.workers_for(total)
+    if workers:
+        yield from parallel.ordered_map(work, raw_images, workers=workers)
+    else:
+        for chunk in parallel.chunks(raw_images):
+            yield from work(chunk)
+
+
+def _collect(
+    raw_images: Iterator[RawImage], total: int | None, project: Project, area: StagingArea, staging: Path
+) -> tuple[list[ManifestRow], int]:
+    """Normalise every image, drop duplicates, write the others to ``staging/images.zip``; their manifest rows.
+
+    Decoding, normalising and encoding run on every core for a large source, results taken in source order,
+    so the pack and the rows are the same as one process would write. The pack is complete and checked when
+    this returns.
+    """
+    config = project.config
     seen: dict[str, tuple[str, str]] = {}
     rows: list[ManifestRow] = []
     duplicates = 0
     height, width = config.dataset.image_size
-    # Sequential on purpose: with small images Pillow's per-call Python overhead dominates, and a thread
-    # pool measured slower on two cores (see benchmarks/results.md).
-    for raw in tqdm(raw_images, total=total, desc="ingest", unit="img", file=sys.stderr, disable=None):
-        if raw.label not in classes:
-            raise IngestError(f"{raw.origin}: label {raw.label!r} is not in dataset.classes")
-        data = normalise_image(raw, config)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in seen:
-            first_origin, first_label = seen[digest]
-            if first_label != raw.label:
-                raise IngestError(
-                    f"{raw.origin}: same image as {first_origin} but labelled {raw.label!r} instead of {first_label!r}"
-                )
-            duplicates += 1
-            continue
-        seen[digest] = (raw.origin, raw.label)
-        relative = f"images/{raw.label}/{digest[:16]}.png"
-        target = staging / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        rows.append(ManifestRow(relative, raw.label, "", width, height, config.dataset.channels, len(data), digest))
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        with (
+            contextlib.closing(_normalised(raw_images, total, config)) as normalised,
+            PackWriter(pack_path(staging, "images")) as pack,
+        ):
+            for origin, label, data, digest in tqdm(
+                normalised, total=total, desc="ingest", unit="img", file=sys.stderr, disable=None
+            ):
+                if digest in seen:
+                    first_origin, first_label = seen[digest]
+                    if first_label != label:
+                        raise IngestError(
+                            f"{origin}: same image as {first_origin} but labelled {label!r} instead of {first_label!r}"
+                        )
+                    duplicates += 1
+                    continue
+                seen[digest] = (origin, label)
+                relative = f"images/{label}/{digest[:16]}.png"
+                pack.add(relative, data)
+                rows.append(ManifestRow(relative, label, "", width, height, config.dataset.channels, len(data), digest))
+    except DatasetReadError as error:  # the written pack does not read back
+        raise IngestError(f"{error}; data/ is unchanged") from None
     return rows, duplicates
 
 
@@ -136,45 +184,33 @@ def _previous_splits(project: Project) -> dict[str, str]:
         return {}
 
 
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Replace ``target`` by ``staging`` with renames, so readers see the old or the new folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    retired = staging.with_name(staging.name + ".old")
-    if target.exists():
-        os.replace(target, retired)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        if retired.exists():
-            os.replace(retired, target)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-
-
 def ingest(project: Project, source: str | None = None) -> IngestResult:
     """Ingest ``source`` (default: ``ingest.source``) into ``data/<dataset>/`` with its manifest.
 
     Raises :class:`IngestError` naming the problem and the file; on any error ``data/`` is unchanged.
     """
     source = source or project.config.ingest.source
-    staging_root = project.staging_dir
-    staging_root.mkdir(parents=True, exist_ok=True)
-    staging = staging_root / f"ingest-{project.config.dataset.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
-        raw_images, total = read_source(source, project.config)
-        rows, duplicates = _collect(raw_images, total, project, staging)
-        if not rows:
-            raise IngestError(f"{source}: no images found")
-        splits = assign_splits(
-            {row.sha256: row.label for row in rows}, _previous_splits(project), project.config.ingest.split_fractions
-        )
-        rows = [replace(row, split=splits[row.sha256]) for row in rows]
-        write_manifest(staging / MANIFEST_NAME, rows)
-        _swap_into_place(staging, project.dataset_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with staging_area(project, "ingest") as area:
+            staging = area.new / "dataset"
+            raw_images, total = read_source(source, project.config)
+            raw_images, total = with_feedback(project, raw_images, total)  # monitor.include_feedback
+            rows, duplicates = _collect(raw_images, total, project, area, staging)
+            if not rows:
+                raise IngestError(f"{source}: no images found")
+            splits = assign_splits(
+                {row.sha256: row.label for row in rows},
+                _previous_splits(project),
+                project.config.ingest.split_fractions,
+            )
+            rows = [replace(row, split=splits[row.sha256]) for row in rows]
+            write_manifest(staging / MANIFEST_NAME, rows)
+            area.publish([("dataset", project.dataset_dir)])
+    except OSError as error:
+        raise IngestError(
+            f"{error.filename or project.staging_dir}: cannot write the staged dataset "
+            f"({error.strerror or error}); data/ is unchanged"
+        ) from None
     per_split = Counter(row.split for row in rows)
     result = IngestResult(
         dataset_dir=project.dataset_dir,
@@ -190,7 +226,13 @@ def ingest(project: Project, source: str | None = None) -> IngestResult:
         "duplicates_dropped": duplicates,
         "ingested_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    write_json_atomic(project.last_ingest_path, record)
+    try:
+        write_json_atomic(project.last_ingest_path, record)
+    except OSError as error:
+        raise IngestError(
+            f"{project.last_ingest_path}: images ingested, but the record of this ingest cannot be written "
+            f"({error.strerror or error})"
+        ) from None
     return result
 
 

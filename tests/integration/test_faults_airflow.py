@@ -45,6 +45,7 @@ class MlflowServer:
         ]  # fmt: skip
         log = (self.folder / "server.log").open("ab")
         env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # its huey consumers would outlive the server
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_http(f"{self.url}/health", 180, "the MLflow server", self.process)
 

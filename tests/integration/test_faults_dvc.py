@@ -1,4 +1,4 @@
-"""Fault injection for DVC versioning: a push killed half-way completes on retry, the remote stays consistent.
+"""Fault injection for DVC versioning: killed pushes complete on retry, killed checkouts are finished.
 
 A child process runs :func:`version_data` on a dataset of a thousand or so tiny PNGs, in its own process group
 (its ``python -m dvc push`` grandchild too). As soon as the remote holds some of the objects, the whole group
@@ -11,6 +11,11 @@ Consistency is checked against the remote itself, not against DVC's opinion of i
 reported "in sync"), so they could not catch a missing object. Instead every object the ``.dir`` manifest lists
 must be in the remote with content matching its md5, and a restore from the remote alone (``data/`` and the
 cache deleted) must give back identical bytes.
+
+The killed push leaves ``data.dvc`` pointing at the version it was pushing; the journal it wrote first lets the
+next versioning call put ``data.dvc`` back (lineage never names a version the remote does not hold). The killed
+checkout is caught with ``data/`` half-way between two versions of 1,500 files each; the next ``mlops version``
+must finish it, so that ``data/`` is byte for byte the version ``data.dvc`` names.
 """
 
 from __future__ import annotations
@@ -31,13 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
+import psutil  # type: ignore[import-untyped]
 import pytest
 
+from pipelines.data.checkout_journal import JOURNAL_NAME
+from pipelines.data.dvc import run_dvc
+from pipelines.data.dvc_objects import read_dvc_file
+from pipelines.data.lineage import verify_lineage
 from pipelines.data.manifest import ManifestRow, write_manifest
 from pipelines.data.versioning import checkout_data, current_version, list_versions, version_data
 from pipelines.project import Project
-from tests.support import REPO_ROOT, png_bytes
+from tests.support import REPO_ROOT, png_bytes, run_mlops
 
 pytestmark = pytest.mark.faults
 
@@ -62,9 +71,9 @@ print(json.dumps({"version": version.version}))
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def write_many_images(project: Project, count: int) -> None:
+def write_many_images(project: Project, count: int, seed: int = 20240611) -> None:
     """``count`` distinct random 8x8 PNGs under ``data/<name>/images/<class>/`` and their manifest."""
-    rng = np.random.default_rng(20240611)
+    rng = np.random.default_rng(seed)
     rows: list[ManifestRow] = []
     for number in range(count):
         label, split = CLASSES[number % 3], SPLITS[(number // 3) % 3]
@@ -115,7 +124,7 @@ def local_remote(folder: Path) -> Remote:
     def objects() -> set[str]:
         if not objects_dir.is_dir():
             return set()
-        names = set()
+        names: set[str] = set()
         for directory, _, files in os.walk(objects_dir):
             prefix = os.path.basename(directory)
             names.update(f"{prefix}/{name}" for name in files)
@@ -209,7 +218,8 @@ def version_and_kill_mid_push(project: Project, remote: Remote, tmp_path: Path) 
         time.sleep(0.05)
     assert child.returncode == -signal.SIGKILL, f"the child was killed, not finished: rc={child.returncode}"
     assert len(killed) >= 2, f"the child and its DVC grandchild were both killed mid-push: {killed}"
-    return Interrupted(current_version(project), remote.objects(), killed)
+    # data.dvc read as the killed run left it: current_version() would repair it first
+    return Interrupted(read_dvc_file(project.root / "data.dvc")[0], remote.objects(), killed)
 
 
 def check_interrupted_push_completes_on_retry(
@@ -239,6 +249,12 @@ def check_interrupted_push_completes_on_retry(
         f"the leftover DVC lock names the killed push ({holder!r}, killed {interrupted.killed})"
     )
     assert _flock_is_free(project.root / ".dvc" / "tmp" / "mlops.lock"), "the kernel released the killed run's lock"
+
+    # -- the next command puts data.dvc back: no lineage points at the version the remote only half holds
+    assert (project.root / ".dvc" / "tmp" / JOURNAL_NAME).is_file(), "the killed run left its journal"
+    assert current_version(project) == "", "the next command undoes the unpushed data.dvc (there was none before)"
+    assert not (project.root / "data.dvc").exists(), "data.dvc is removed, as it was before the killed run"
+    assert not (project.root / ".dvc" / "tmp" / JOURNAL_NAME).exists(), "the journal is removed once repaired"
 
     with caplog.at_level(logging.INFO, logger="pipelines.data.dvc"):
         retried = version_data(project, source="retry")
@@ -285,3 +301,70 @@ def test_killed_push_to_an_s3_remote_completes_on_retry(
     write_many_images(project, 800)
     remote = s3_remote(s3_endpoint, "mlops-data", "datasets/tiny")
     check_interrupted_push_completes_on_retry(project, remote, tmp_path, caplog)
+
+
+def test_checkout_killed_while_dvc_copies_files_is_finished_by_the_next_command(
+    tiny_project: Callable[..., Project], tmp_path: Path
+) -> None:
+    project = tiny_project()
+    write_many_images(project, 1500, seed=1)
+    first = version_data(project, source="first")
+    first_data = digests(project)
+    shutil.rmtree(project.dataset_dir)
+    write_many_images(project, 1500, seed=2)
+    second = version_data(project, source="second")
+    second_data = digests(project)
+    log = log_lines(project)
+    first_only = [project.data_dir / name for name in sorted(set(first_data) - set(second_data))]
+    assert len(first_only) >= 1400, f"the two versions share few files: {len(first_only)} differ"
+
+    # `mlops data checkout <first>` in its own process group, killed once DVC has copied some files, not all
+    command = [sys.executable, "-m", "pipelines.cli", "--params", str(project.params_path)]
+    output = (tmp_path / "child.log").open("w+b")
+    child = subprocess.Popen(
+        [*command, "data", "checkout", first.version],
+        cwd=REPO_ROOT,
+        stdout=output,
+        stderr=output,
+        start_new_session=True,
+    )
+    present = 0
+    try:
+        deadline = time.monotonic() + PUSH_START_TIMEOUT
+        while not 0 < (present := sum(path.exists() for path in first_only)) < len(first_only):
+            if child.poll() is not None:
+                output.seek(0)
+                pytest.fail(f"the checkout ended before it could be interrupted ({present} files): {output.read()!r}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the checkout did not start copying within {PUSH_START_TIMEOUT:.0f} s")
+            time.sleep(0.002)
+        os.killpg(child.pid, signal.SIGKILL)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        output.close()
+    deadline = time.monotonic() + 30
+    while survivors := _group_members(child.pid):  # the DVC grandchild is not ours to wait for
+        assert time.monotonic() < deadline, f"the killed checkout's processes are still alive: {survivors}"
+        time.sleep(0.05)
+    assert child.returncode == -signal.SIGKILL, f"the checkout was killed, not finished: rc={child.returncode}"
+    print(f"killed with {present} of {len(first_only)} files of version 1 copied")
+    half_way = digests(project)
+    assert half_way not in (first_data, second_data), f"data/ is half-way: {present} of {len(first_only)} copied"
+    assert (project.root / ".dvc" / "tmp" / JOURNAL_NAME).is_file(), "the killed checkout left its journal"
+
+    result = run_mlops(project, "version")
+
+    assert result.returncode == 0, f"the next command repairs, then does its own work: {result.stderr[-2000:]}"
+    assert f"finished an interrupted checkout: data/ holds data version {first.version}" in result.stderr, (
+        f"the repair is reported: {result.stderr[-2000:]}"
+    )
+    assert f"data version {first.version} (unchanged)" in result.stdout, f"the repaired data is version 1: {result}"
+    assert digests(project) == first_data, "data/ is byte for byte the checked-out version"
+    assert current_version(project) == first.version, "data.dvc names the checked-out version"
+    status = json.loads(run_dvc(project.root, "status", "--json", "data.dvc").stdout or "{}")
+    assert status == {}, f"dvc status: data/ matches data.dvc, got {status}"
+    verify_lineage(project, first.version)  # what training checks: logged, in the remote, data/ == data.dvc
+    assert log_lines(project) == log, "the version log is unchanged"
+    assert second.version != first.version, "two distinct versions were involved"

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import signal
 import struct
 import zlib
 from collections import Counter
@@ -13,11 +15,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.cli import main
 from pipelines.data.ingest import assign_splits, ingest, smallest_class_size, split_sizes
 from pipelines.data.manifest import read_manifest
+from pipelines.data.packs import PackWriter
 from pipelines.errors import IngestError
 from pipelines.project import Project
-from tests.support import class_image, make_source, png_bytes, tree_digest
+from tests.support import (
+    class_image,
+    make_source,
+    manifest_matches_files,
+    png_bytes,
+    protected_state,
+    read_image,
+    run_mlops_killed,
+    staging_leftovers,
+    tree_digest,
+)
 
 ProjectFactory = Callable[..., Project]
 
@@ -48,6 +62,51 @@ def test_sample_export_is_deterministic(tiny_project: ProjectFactory, tmp_path: 
     rows = read_manifest(first.manifest_path)
     assert {(row.width, row.height, row.channels) for row in rows} == {(16, 16, 1)}, "images normalised to config"
     assert sorted({row.label for row in rows}) == [str(d) for d in range(10)], "all ten digit classes present"
+
+
+def test_the_same_images_give_a_byte_identical_pack_whatever_their_order_or_the_process_count(
+    tiny_project: ProjectFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.data import parallel
+
+    source = make_source(tmp_path / "source", per_class=6)
+    first = tiny_project()
+    ingest(first, f"folder:{source}")
+    expected = tree_digest(first.dataset_dir)
+    assert set(expected) == {"images.zip", "manifest.csv"}, f"a pack and its manifest: {sorted(expected)}"
+
+    renamed = tmp_path / "renamed"  # the same images under other names: read in another order
+    for path in sorted(source.rglob("*.png")):
+        target = renamed / path.parent.name / f"z-{99 - int(path.stem.removeprefix('img')):02d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    ingest(first, f"folder:{renamed}")
+    assert tree_digest(first.dataset_dir) == expected, "the pack depends on the images, not on their order"
+
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_ITEMS", 0)  # worker processes even for 18 images
+    monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
+    monkeypatch.setattr(parallel, "worker_count", lambda: 2)
+    ingest(first, f"folder:{source}")
+    assert tree_digest(first.dataset_dir) == expected, "two worker processes write the same bytes as one process"
+
+
+def test_a_pack_that_does_not_read_back_is_refused_and_data_untouched(
+    tiny_project: ProjectFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tiny_project()
+    ingest(project, f"folder:{make_source(tmp_path / 'good')}")
+    before = tree_digest(project.data_dir)
+    real = PackWriter._check_written
+
+    def truncated(self: PackWriter) -> None:
+        data = self.path.read_bytes()
+        self.path.write_bytes(data[: len(data) - 100])  # a write that lost its end
+        real(self)
+
+    monkeypatch.setattr(PackWriter, "_check_written", truncated)
+    with pytest.raises(IngestError, match=r"images\.zip: not a readable pack.*data/ is unchanged"):
+        ingest(project, f"folder:{make_source(tmp_path / 'new', per_class=7)}")
+    assert_data_untouched(project, before)
 
 
 def test_splits_are_stratified_per_class_and_independent_of_order() -> None:
@@ -120,11 +179,14 @@ def test_folder_formats_modes_and_extension_case(tiny_project: ProjectFactory, t
     result = ingest(project, f"folder:{source}")
     rows = read_manifest(project.manifest_path)
     assert result.images == 8, f"eight images in six formats are ingested, got {result.images}"
+    assert sorted(path.name for path in project.dataset_dir.iterdir()) == ["images.zip", "manifest.csv"], (
+        "the dataset is one pack and its manifest"
+    )
     for row in rows:
-        with Image.open(project.dataset_dir / row.path) as image:
+        data = read_image(project, row.path)
+        with Image.open(io.BytesIO(data)) as image:
             assert image.mode == "RGB", f"{row.path} normalised to RGB, got {image.mode}"
             assert image.size == (8, 8), f"{row.path} resized to 8x8, got {image.size}"
-        data = (project.dataset_dir / row.path).read_bytes()
         assert hashlib.sha256(data).hexdigest() == row.sha256, f"manifest sha256 matches {row.path}"
         assert len(data) == row.bytes, f"manifest byte count matches {row.path}"
 
@@ -259,3 +321,90 @@ def test_s3_key_with_dot_dot_is_refused(tiny_project: ProjectFactory, tmp_path: 
     with pytest.raises(IngestError, match=r"escape\.png: key contains '\.\.'"):
         ingest(project, "s3://images/incoming")
     assert not project.data_dir.exists(), "nothing is written under data/"
+
+
+# ------------------------------------------------------------------------ a full disk, a kill
+
+
+def disk_fills_after(count: int) -> Callable[[PackWriter, str, bytes], None]:
+    """A ``PackWriter.add`` that fails like a full disk once ``count`` images are written to the staged pack."""
+    real = PackWriter.add
+    written = [0]
+
+    def add(self: PackWriter, name: str, data: bytes) -> None:
+        written[0] += 1
+        if written[0] > count:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.spool_path))
+        real(self, name, data)
+
+    return add
+
+
+def test_full_disk_during_ingest_keeps_the_data_and_no_staging(
+    tiny_project: ProjectFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tiny_project()
+    ingest(project, f"folder:{make_source(tmp_path / 'good')}")
+    before = protected_state(project)
+    source = make_source(tmp_path / "new", per_class=9)
+    monkeypatch.setattr(PackWriter, "add", disk_fills_after(5))
+    capsys.readouterr()
+    status = main(["--params", str(project.params_path), "ingest", "--source", f"folder:{source}"])
+    stderr = capsys.readouterr().err
+    assert status == 1, f"a full disk fails the command with status 1: {stderr}"
+    assert stderr.startswith(f"error: {project.staging_dir}"), f"the message names the staged file: {stderr}"
+    assert "No space left on device" in stderr, f"the message says the disk is full: {stderr}"
+    assert "data/ is unchanged" in stderr, f"the message says the data was kept: {stderr}"
+    assert protected_state(project) == before, "data/ is byte-identical to before"
+    assert staging_leftovers(project) == [], f"no staging folder is left: {staging_leftovers(project)}"
+
+
+def test_killed_ingest_leaves_the_data_and_the_next_run_clears_its_staging(
+    tiny_project: ProjectFactory, tmp_path: Path
+) -> None:
+    project = tiny_project()
+    ingest(project, f"folder:{make_source(tmp_path / 'good')}")
+    before = protected_state(project)
+    killed = run_mlops_killed(project, "ingest", "--source", f"folder:{make_source(tmp_path / 'new')}", after_writes=4)
+    assert killed.returncode == -signal.SIGKILL, f"the run was killed mid-way: {killed.returncode} {killed.stderr}"
+    assert protected_state(project) == before, "a kill while staging leaves data/ byte-identical"
+    stale = staging_leftovers(project)
+    assert stale, "the killed run left its staging folder (removed by the next run)"
+    assert all(str(project.staging_dir) in path for path in stale), f"staging happens outside data/: {stale}"
+
+    result = ingest(project, f"folder:{tmp_path / 'good'}")
+    assert result.images == 18, "the next run works"
+    assert staging_leftovers(project) == [], (
+        f"the next run removed the dead run's staging: {staging_leftovers(project)}"
+    )
+
+
+def test_ingest_killed_while_publishing_is_finished_by_the_next_run(
+    tiny_project: ProjectFactory, tmp_path: Path
+) -> None:
+    project = tiny_project()
+    ingest(project, f"folder:{make_source(tmp_path / 'good')}")
+    new_source = make_source(tmp_path / "new", per_class=8)
+    # Killed right after the old dataset was moved aside, before the new one was moved in.
+    killed = run_mlops_killed(project, "ingest", "--source", f"folder:{new_source}", after_replace_to="/old/dataset")
+    assert killed.returncode == -signal.SIGKILL, f"the run was killed while publishing: {killed.stderr}"
+    assert not project.dataset_dir.exists(), "the kill fell between the two renames of the publication"
+
+    status = main(["--params", str(project.params_path), "augment"])
+    assert status == 0, "the next run (any step on the dataset) works"
+    assert staging_leftovers(project) == [], f"and leaves no staging folder: {staging_leftovers(project)}"
+    problems = manifest_matches_files(project.dataset_dir, project.manifest_path)
+    assert problems == [], f"the finished publication is complete and consistent: {problems}"
+    expected = tiny_project_copy(tmp_path / "expected", project)
+    ingest(expected, f"folder:{new_source}")
+    published = {row.sha256 for row in read_manifest(project.manifest_path)}
+    assert published == {row.sha256 for row in read_manifest(expected.manifest_path)}, (
+        "the dataset is the one the killed run had staged completely"
+    )
+
+
+def tiny_project_copy(root: Path, project: Project) -> Project:
+    """A fresh project with the same params.yaml as ``project``."""
+    root.mkdir(parents=True)
+    (root / "params.yaml").write_bytes(project.params_path.read_bytes())
+    return Project.load(root / "params.yaml")

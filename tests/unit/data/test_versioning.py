@@ -14,10 +14,12 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from pipelines.data.versioning import DataVersion, checkout_data, current_version, list_versions, version_data
+from pipelines.data.version_log import DataVersion
+from pipelines.data.versioning import checkout_data, current_version, list_versions, version_data
 from pipelines.errors import VersioningError
 from pipelines.project import Project
 from tests.support import REPO_ROOT, write_tiny_dataset
@@ -255,3 +257,41 @@ def test_unusable_remote_is_refused_before_setting_anything_up(
     with pytest.raises(VersioningError, match=message):
         version_data(project)
     assert not (project.root / ".dvc").exists(), f"no DVC project is set up for remote {remote!r}"
+
+
+def test_checkout_moves_between_a_loose_version_and_a_packed_one(
+    tiny_project: Callable[..., Project], tmp_path: Path
+) -> None:
+    from pipelines.data.augment import augment_dataset
+    from pipelines.data.ingest import ingest
+    from pipelines.data.validate import validate_dataset
+    from tests.support import make_source, manifest_matches_files
+
+    project = tiny_project({"validate": {"min_images_per_class_per_split": 1}})
+    write_tiny_dataset(project)  # one file per image, as versions before packs were
+    loose = version_data(project, source="loose")
+    loose_files = digests(project)
+    assert loose.files == len(loose_files) > 20, f"the loose version holds one file per image: {loose.files}"
+
+    ingest(project, f"folder:{make_source(tmp_path / 'source', per_class=12)}")
+    augment_dataset(project)
+    packed = version_data(project, source="packed")
+    packed_files = digests(project)
+    assert sorted(packed_files) == [
+        "tiny/augmented.csv",
+        "tiny/augmented.zip",
+        "tiny/images.zip",
+        "tiny/manifest.csv",
+    ], f"the packed version is a handful of files: {sorted(packed_files)}"
+    assert packed.files == 4, f"data.dvc counts 4 files: {packed.files}"
+
+    checkout_data(project, loose.version)
+    assert digests(project) == loose_files, "the loose version comes back byte for byte, without the packs"
+    assert validate_dataset(project).success, "a loose version still validates"
+    assert augment_dataset(project).images_written == 2 * 9, "and still augments"
+    assert not (project.dataset_dir / "augmented").exists(), "augment writes its pack, even over a loose version"
+    assert manifest_matches_files(project.dataset_dir, project.augmented_manifest_path) == [], "copies match"
+
+    checkout_data(project, packed.version)
+    assert digests(project) == packed_files, "the packed version comes back byte for byte, no loose file left"
+    assert manifest_matches_files(project.dataset_dir, project.manifest_path) == [], "its images match the manifest"

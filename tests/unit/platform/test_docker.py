@@ -52,6 +52,7 @@ EXPECTED_SERVICES = {
     "airflow-triggerer",
     "airflow-worker",
     "trainer-gpu",
+    "serving",
 }
 ONE_SHOT_SERVICES = {"s3-init", "airflow-init"}
 EXPECTED_VOLUMES = {"postgres-data", "s3-data", "airflow-logs", "mlops-project"}
@@ -579,7 +580,10 @@ def test_postgres_creates_both_databases() -> None:
     service = services()["postgres"]
     assert service["image"] == "postgres:16", f"postgres image: {service['image']}"
     mounts = [volume for volume in service["volumes"] if volume.startswith("./")]
-    assert mounts == ["./postgres-init.sh:/docker-entrypoint-initdb.d/10-mlops-databases.sh:ro"], mounts
+    assert mounts == [
+        "./postgres-init.sh:/docker-entrypoint-initdb.d/10-mlops-databases.sh:ro",
+        "./check-env.sh:/check-env.sh:ro",
+    ], mounts
     script = (DOCKER / "postgres-init.sh").read_text(encoding="utf-8")
     for database in ("airflow", "mlflow"):
         assert f"CREATE DATABASE {database} OWNER {database};" in script, f"postgres-init.sh: no {database} database"
@@ -748,6 +752,7 @@ def test_readme_explains_bring_up_and_validation_status() -> None:
     [
         ("airflow-entrypoint.sh", "bash"),
         ("mlflow-entrypoint.sh", "sh"),
+        ("check-env.sh", "sh"),
         ("postgres-init.sh", "bash"),
         ("s3-init.sh", "sh"),
     ],
@@ -819,60 +824,98 @@ def test_airflow_entrypoint_prepares_the_container_and_hands_over(tmp_path: Path
     assert "args:" not in refused.stdout, "Airflow must not start after a refused check"
 
 
-@pytest.mark.parametrize("auth", ["basic", "none"])
-def test_mlflow_entrypoint_builds_the_server_command(tmp_path: Path, auth: str) -> None:
-    backend = "postgresql+psycopg2://mlflow:p%40ss@postgres:5432/mlflow"
+FAKE_MLFLOW = """echo "mlflow $*"
+echo "backend from the environment: ${MLFLOW_BACKEND_STORE_URI:-unset}"
+echo "artifacts from the environment: ${MLFLOW_ARTIFACTS_DESTINATION:-unset}"
+echo "admin from the environment: ${MLFLOW_AUTH_ADMIN_USERNAME:-unset}"
+if [ -n "${MLFLOW_AUTH_CONFIG_PATH:-}" ]; then
+    echo "auth config: $MLFLOW_AUTH_CONFIG_PATH"
+    cp "$MLFLOW_AUTH_CONFIG_PATH" "$HOME/seen-auth.ini"
+fi"""
+
+
+def mlflow_entrypoint_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of the MLflow image's entry point, with this repository's launcher and a fake mlflow."""
     env = script_env(
         tmp_path,
         MLOPS_BOOTSTRAP=str(DOCKER / "bootstrap.py"),
+        MLFLOW_LAUNCHER=str(ROOT / "mlflow" / "start-server.sh"),
+        MLFLOW_BIN=str(tmp_path / "bin" / "mlflow"),
+        TMPDIR=str(tmp_path),
+        **extra,
+    )
+    fake_program(tmp_path / "bin", "mlflow", FAKE_MLFLOW)
+    return env
+
+
+@pytest.mark.parametrize("auth", ["basic", "none"])
+def test_mlflow_entrypoint_runs_the_one_launcher(tmp_path: Path, auth: str) -> None:
+    backend = "postgresql+psycopg2://mlflow:p%40ss@postgres:5432/mlflow"
+    env = mlflow_entrypoint_env(
+        tmp_path,
         MLFLOW_BACKEND_STORE_URI=backend,
         MLFLOW_ARTIFACTS_DESTINATION="s3://mlflow-artifacts",
         MLFLOW_AUTH=auth,
+        MLFLOW_AUTH_ADMIN_USERNAME="admin",
         MLFLOW_AUTH_ADMIN_PASSWORD="a-long-admin-password",
         MLFLOW_FLASK_SERVER_SECRET_KEY="0123456789abcdef",
     )
-    fake_program(tmp_path / "bin", "mlflow", 'echo "mlflow $*"')
     run = subprocess.run(
         ["sh", str(DOCKER / "mlflow-entrypoint.sh"), "--expose-prometheus", "/tmp/metrics"],
         env=env,
         capture_output=True,
         text=True,
         check=False,
+        timeout=60,
     )
     assert run.returncode == 0, f"mlflow-entrypoint.sh failed: {run.stderr}"
-    command = run.stdout.strip().splitlines()[-1].split()
-    assert command[:2] == ["mlflow", "server"], f"it should exec `mlflow server`: {command}"
-    for flag, value in [
-        ("--artifacts-destination", "s3://mlflow-artifacts"),
-        ("--host", "0.0.0.0"),
-        ("--port", "5000"),
-    ]:
+    lines = run.stdout.splitlines()
+    command = next(line for line in lines if line.startswith("mlflow ")).split()
+    assert command[:2] == ["mlflow", "server"], f"the launcher runs `mlflow server`: {command}"
+    for flag, value in [("--host", "0.0.0.0"), ("--port", "5000")]:
         assert command[command.index(flag) + 1] == value, f"{flag} should be {value}: {command}"
     assert "--serve-artifacts" in command, f"artifacts are proxied by the server: {command}"
     assert command[-2:] == ["--expose-prometheus", "/tmp/metrics"], f"extra arguments are passed on: {command}"
-    assert backend not in run.stdout, "the backend URI (with its password) stays in the environment, off argv"
+    assert f"backend from the environment: {backend}" in lines, (
+        "mlflow server reads the backend URI from its environment"
+    )
+    assert "artifacts from the environment: s3://mlflow-artifacts" in lines, "and the artifact destination"
+    for secret in (backend, "p%40ss", "a-long-admin-password"):
+        assert not any(secret in line for line in lines if line.startswith("mlflow ")), f"{secret} is off argv"
     if auth == "basic":
         assert command[command.index("--app-name") + 1] == "basic-auth", f"MLFLOW_AUTH=basic: {command}"
+        assert "admin from the environment: admin" in lines, "MLflow reads the admin account from MLFLOW_AUTH_ADMIN_*"
         import configparser
 
         config = configparser.ConfigParser()
-        config.read(tmp_path / "basic_auth.ini")
+        config.read(tmp_path / "seen-auth.ini")
         assert config["mlflow"]["database_uri"] == backend, "users are stored in the backend database, % kept"
+        assert "a-long-admin-password" not in (tmp_path / "seen-auth.ini").read_text(), "no admin password in the file"
+        rendered = next(line for line in lines if line.startswith("auth config: ")).removeprefix("auth config: ")
+        assert not Path(rendered).exists(), "the rendered auth file is removed once the server has stopped"
     else:
         assert "--app-name" not in command, f"MLFLOW_AUTH=none runs the plain server: {command}"
 
 
+def test_mlflow_image_runs_the_repository_launcher() -> None:
+    copies = copy_instructions("mlflow.Dockerfile")
+    launcher = [destination for _, sources, destination in copies if sources == ["mlflow/start-server.sh"]]
+    assert launcher == ["/opt/mlflow-image/start-server.sh"], f"the image carries mlflow/start-server.sh: {copies}"
+    entrypoint = (DOCKER / "mlflow-entrypoint.sh").read_text(encoding="utf-8")
+    assert 'exec "$launcher" "$@"' in entrypoint, "the entry point hands over to the launcher"
+    assert "/opt/mlflow-image/start-server.sh" in entrypoint, "the launcher's place in the image"
+    assert "mlflow server" not in entrypoint.replace("`mlflow server`", ""), "no second way of starting the server"
+
+
 def test_mlflow_entrypoint_refuses_bad_settings(tmp_path: Path) -> None:
-    base = script_env(
+    base = mlflow_entrypoint_env(
         tmp_path,
-        MLOPS_BOOTSTRAP=str(DOCKER / "bootstrap.py"),
         MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://mlflow:x@postgres/mlflow",
         MLFLOW_ARTIFACTS_DESTINATION="s3://mlflow-artifacts",
     )
-    fake_program(tmp_path / "bin", "mlflow", 'echo "mlflow $*"')
     cases: list[tuple[dict[str, str], int | None, str]] = [
         ({"MLFLOW_AUTH": "ldap"}, 64, "MLFLOW_AUTH"),
-        ({"MLFLOW_AUTH": "basic", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"}, None, "MLFLOW_AUTH_ADMIN_PASSWORD"),
+        ({"MLFLOW_AUTH": "basic", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"}, 64, "MLFLOW_AUTH_ADMIN_PASSWORD"),
         ({"MLFLOW_AUTH": "none", "MLFLOW_AUTH_ADMIN_PASSWORD": "change-me-mlflow-admin"}, 78, "placeholder"),
     ]
     for extra, status, message in cases:
@@ -882,6 +925,7 @@ def test_mlflow_entrypoint_refuses_bad_settings(tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             check=False,
+            timeout=60,
         )
         if status is None:
             assert run.returncode != 0, f"{extra}: the entry point should fail: {run.stdout}"
@@ -889,6 +933,101 @@ def test_mlflow_entrypoint_refuses_bad_settings(tmp_path: Path) -> None:
             assert run.returncode == status, f"{extra}: exit status {run.returncode}, expected {status}: {run.stderr}"
         assert message in run.stderr, f"{extra}: the error should mention {message}: {run.stderr}"
         assert "mlflow server" not in run.stdout, f"{extra}: the server must not start"
+        assert not list(tmp_path.glob("mlflow-auth-*")), f"{extra}: no rendered auth file is left"
+
+
+# ------------------------------------------------------------------- placeholders stop every service
+
+
+def check_env_script(env: Mapping[str, str], *command: str) -> subprocess.CompletedProcess[str]:
+    """Run ``docker/check-env.sh COMMAND`` with ``sh`` (dash here, as in the Debian-based images)."""
+    return subprocess.run(
+        ["sh", str(DOCKER / "check-env.sh"), *command],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+
+
+def guard_of(name: str, service: Mapping[str, Any]) -> str:
+    """How ``service`` refuses placeholder secrets: ``check-env.sh``, ``bootstrap`` (our images), or ``""``."""
+    entrypoint = service.get("entrypoint") or []
+    mounts = [volume for volume in service.get("volumes") or [] if isinstance(volume, str)]
+    if entrypoint[:2] == ["/bin/sh", "/check-env.sh"]:
+        assert "./check-env.sh:/check-env.sh:ro" in mounts, f"{name}: check-env.sh must be mounted read-only"
+        return "check-env.sh"
+    dockerfile = (service.get("build") or {}).get("dockerfile", "")
+    if dockerfile in {f"docker/{image}" for image in DOCKERFILES} and not entrypoint:
+        return "bootstrap"
+    return ""
+
+
+def test_every_service_given_a_placeholder_refuses_to_start() -> None:
+    bootstrap = load_script("bootstrap")
+    resolved = interpolate_document(compose(), env_example())["services"]
+    given = {name: environment(service) for name, service in resolved.items()}
+    given = {name: env for name, env in given.items() if bootstrap.placeholder_variables(env)}
+    assert {"postgres", "redis", "s3", "s3-init", "mlflow", "airflow-scheduler"} <= set(given), (
+        f"the services that get a secret: {sorted(given)}"
+    )
+    for name, env in sorted(given.items()):
+        guard = guard_of(name, services()[name])
+        assert guard, f"{name} gets .env.example placeholders but nothing stops it from starting with them"
+        expected = set(bootstrap.placeholder_variables(env))
+        if guard == "bootstrap":
+            with pytest.raises(bootstrap.BootstrapError) as refused:
+                bootstrap.check_env(env)
+            named = set(str(refused.value).split(": ", 1)[1].split(";")[0].split(", "))
+        else:
+            run = check_env_script(env, "echo", "started")
+            assert run.returncode == 78, f"{name}: check-env.sh should exit 78 (EX_CONFIG): {run.stderr}"
+            assert "started" not in run.stdout, f"{name}: the service's own command must not run"
+            named = set(run.stderr.split("still set in: ", 1)[1].split(";")[0].split(", "))
+            for value in env.values():
+                if "change-me" in value:
+                    assert value not in run.stderr, f"{name}: the message names variables, never their values"
+        assert named == expected, f"{name}: the refusal names every placeholder variable: {named} != {expected}"
+    for image in ("airflow-entrypoint.sh", "mlflow-entrypoint.sh"):
+        script = (DOCKER / image).read_text(encoding="utf-8")
+        assert re.search(r'python "\$bootstrap" (airflow|check-env)', script), f"{image} runs the placeholder check"
+
+
+def test_check_env_script_runs_the_image_command_with_real_secrets(tmp_path: Path) -> None:
+    resolved = interpolate_document(compose(), {k: v.replace("change-me", "s3cr3t") for k, v in env_example().items()})
+    fake_program(tmp_path, "docker-entrypoint.sh", 'echo "image entry point: $*"')
+    for name in ("postgres", "redis", "s3", "s3-init"):
+        service = resolved["services"][name]
+        command = [*service["entrypoint"][2:], *(service.get("command") or [])]
+        env = {**environment(service), "PATH": f"{tmp_path}:/usr/bin:/bin"}
+        if name == "postgres":
+            run = check_env_script(env, *command)
+            assert run.returncode == 0, f"{name}: real secrets pass the check: {run.stderr}"
+            assert run.stdout.strip() == "image entry point: postgres", f"{name}: the image's own command runs"
+        else:
+            run = check_env_script(env, "true")
+            assert run.returncode == 0, f"{name}: real secrets pass the check: {run.stderr}"
+
+
+def test_check_env_script_agrees_with_bootstrap() -> None:
+    bootstrap = load_script("bootstrap")
+    cases = [
+        {},
+        {"A": "fine", "B": "also fine"},
+        {"POSTGRES_PASSWORD": "change-me-postgres-superuser", "OTHER": "x"},
+        {"URL": "postgresql+psycopg2://airflow:change-me-airflow-db@postgres:5432/airflow", "K": "change-me"},
+        {"MULTI": "first line\nexport HIDDEN=change-me", "QUOTED": 'it\'s "quoted" $HOME'},
+    ]
+    for env in cases:
+        run = check_env_script(env, "true")
+        expected = set(bootstrap.placeholder_variables(env))
+        if not expected:
+            assert run.returncode == 0, f"{sorted(env)}: no placeholder, the command runs: {run.stderr}"
+            continue
+        assert run.returncode == 78, f"{sorted(env)}: placeholders refused: {run.stderr}"
+        named = set(run.stderr.split("still set in: ", 1)[1].split(";")[0].split(", "))
+        assert named == expected, f"check-env.sh and bootstrap.py flag the same variables: {named} != {expected}"
 
 
 def test_check_lock_compares_installed_versions(tmp_path: Path) -> None:
