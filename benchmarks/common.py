@@ -45,13 +45,29 @@ class Sizes:
     scaling_rounds: int
     ingest_images: int
     parse_repeats: int
+    data_half_images: int
+    """Generated PNGs of the ``data_half`` benchmark (the issue's scale: 100,000)."""
 
     @classmethod
     def for_mode(cls, quick: bool) -> Sizes:
         """Full sizes, or the smoke-run sizes."""
         if quick:
-            return cls(epochs=2, training_rounds=1, scaling_rounds=1, ingest_images=2_000, parse_repeats=1)
-        return cls(epochs=None, training_rounds=5, scaling_rounds=2, ingest_images=20_000, parse_repeats=3)
+            return cls(
+                epochs=2,
+                training_rounds=1,
+                scaling_rounds=1,
+                ingest_images=2_000,
+                parse_repeats=1,
+                data_half_images=2_000,
+            )
+        return cls(
+            epochs=None,
+            training_rounds=5,
+            scaling_rounds=2,
+            ingest_images=20_000,
+            parse_repeats=3,
+            data_half_images=100_000,
+        )
 
 
 @dataclass(frozen=True)

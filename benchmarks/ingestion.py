@@ -5,9 +5,10 @@ A folder of ``N`` 32x32 grayscale PNGs in 10 class folders (``0``..``9``) is gen
 params match (classes ``0``..``9``, ``image_size [32, 32]``, ``channels 1``, a small minimum per split):
 
 * :func:`pipelines.data.ingest.ingest` of ``folder:PATH``, images/s, against a plain loop doing the least the
-  same result needs (read, decode, re-encode PNG, sha256, write);
+  same result needs in one process (read, decode, re-encode PNG, sha256, write to a stored ZIP as ingest's
+  ``images.zip``);
 * :func:`pipelines.data.validate.validate_dataset`, images/s, against a plain loop doing the least per image
-  (read, sha256, decode);
+  (read from ``images.zip``, sha256, decode);
 * :func:`pipelines.data.versioning.version_data` (``dvc add`` + ``dvc push``), seconds;
 * ingest again over the dataset in place (what a scheduled retrain does), images/s;
 * a second validate, and a first ingest into a fresh project, under :mod:`cProfile`; the top functions by
@@ -55,36 +56,44 @@ def generate_images(folder: Path, count: int, seed: int = 0) -> int:
 
 
 def plain_ingest(source: Path, target: Path) -> int:
-    """The least work ingest's output needs: read, decode, re-encode as PNG, sha256, write. Returns images."""
+    """The least work ingest's output needs: read, decode, re-encode as PNG, sha256, write to a ZIP. Returns images.
+
+    One process, as a plain script would do it; the output is a stored ZIP like ingest's ``images.zip``.
+    """
+    import zipfile
+
     from PIL import Image
 
-    for label in CLASSES:
-        (target / label).mkdir(parents=True, exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
     count = 0
-    for path in sorted(source.glob("*/*.png")):
-        with Image.open(io.BytesIO(path.read_bytes())) as image:
-            image.load()
-            pixels = image.convert("L")
-        buffer = io.BytesIO()
-        pixels.save(buffer, format="PNG")
-        data = buffer.getvalue()
-        digest = hashlib.sha256(data).hexdigest()
-        (target / path.parent.name / f"{digest[:16]}.png").write_bytes(data)
-        count += 1
+    with zipfile.ZipFile(target / "images.zip", "w", zipfile.ZIP_STORED) as pack:
+        for path in sorted(source.glob("*/*.png")):
+            with Image.open(io.BytesIO(path.read_bytes())) as image:
+                image.load()
+                pixels = image.convert("L")
+            buffer = io.BytesIO()
+            pixels.save(buffer, format="PNG")
+            data = buffer.getvalue()
+            digest = hashlib.sha256(data).hexdigest()
+            pack.writestr(f"images/{path.parent.name}/{digest[:16]}.png", data)
+            count += 1
     return count
 
 
 def plain_validate(dataset_dir: Path) -> int:
-    """The least per-image work validation needs: read, sha256, decode. Returns images."""
+    """The least per-image work validation needs: read (from ``images.zip``), sha256, decode. Returns images."""
+    import zipfile
+
     from PIL import Image
 
     count = 0
-    for path in sorted(dataset_dir.glob("images/*/*.png")):
-        data = path.read_bytes()
-        hashlib.sha256(data).hexdigest()
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-        count += 1
+    with zipfile.ZipFile(dataset_dir / "images.zip") as pack:
+        for info in pack.infolist():
+            data = pack.read(info)
+            hashlib.sha256(data).hexdigest()
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+            count += 1
     return count
 
 

@@ -1,9 +1,11 @@
 """Seeded, deterministic augmentation of the train split.
 
-Each train image of the manifest gets ``augment.copies`` (K) augmented copies, written as
-``<dataset>/augmented/<label>/<parent sha256[:16]>-<k>.png`` and listed in the augmented manifest
-(``augmented.csv``, split ``train``, with ``parent_sha256`` naming the source image). Val and test
-images are never augmented.
+Each train image of the manifest gets ``augment.copies`` (K) augmented copies, written as members
+``augmented/<label>/<parent sha256[:16]>-<k>.png`` of the pack ``<dataset>/augmented.zip``
+(:mod:`pipelines.data.packs`) and listed in the augmented manifest (``augmented.csv``, split ``train``,
+with ``parent_sha256`` naming the source image). Val and test images are never augmented. Source images
+are read through :class:`~pipelines.data.packs.DatasetReader`: from ``images.zip``, or from the loose files
+of a dataset versioned before packs; a pack that is unreadable or refused stops augment, naming it.
 
 The operations, each configured in ``params.yaml`` (``augment`` section) and off when its range is 0:
 
@@ -17,21 +19,28 @@ The operations, each configured in ``params.yaml`` (``augment`` section) and off
 Randomness: every (source image, copy) pair draws from its own ``numpy.random.default_rng`` seeded
 from the configured seed, the source image's sha256 and the copy index, so an image's copies do not
 depend on the order of the manifest or on the other images, and the same seed and data give
-byte-identical files. Copies keep the size and mode (``L`` or ``RGB``) of their source.
+byte-identical copies and a byte-identical pack. Copies keep the size and mode (``L`` or ``RGB``) of their
+source. A large train split is augmented on every core (:mod:`pipelines.data.parallel`), results taken in
+manifest order, so the output is the same as one process writes.
 
-The output is staged in ``<dataset>/.augmented.tmp`` and swapped in only when complete: a failure
-leaves the previous ``augmented/`` folder and manifest as they were. Only numpy, Pillow and tqdm are
-imported, so this module is cheap to import from a DAG file.
+The output is staged in a folder of this run outside ``data/`` (``artifacts/staging/<dataset>/``) and
+moved in only when complete, under the dataset's lock (:mod:`pipelines.data.staging`): a failure (a bad
+image, a full disk) or a kill leaves the previous ``augmented.zip`` and manifest as they were, two
+augments at once run one after the other, and the next run removes what a killed run left behind.
+Publishing also removes an ``augmented/`` folder of loose copies left by a version before packs. Source
+images are decoded as PNG only (ingest wrote them). Only numpy, Pillow and tqdm are imported, so this
+module is cheap to import from a DAG file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import math
-import os
-import shutil
 import sys
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,17 +49,20 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines.config import AugmentConfig
+from pipelines.data import parallel
+from pipelines.data.images import DATASET_FORMATS
 from pipelines.data.manifest import ManifestRow, read_manifest, write_manifest
+from pipelines.data.packs import PACK_KINDS, DatasetReader, DatasetReadError, PackWriter
+from pipelines.data.staging import staging_area
 from pipelines.errors import PipelineError
 from pipelines.project import Project
 
 AUGMENTED_DIR_NAME = "augmented"
-"""Folder, inside the dataset folder, holding the augmented copies."""
+"""First folder of the augmented copies' manifest paths (and the loose layout's folder, before packs)."""
 
-STAGING_DIR_NAME = ".augmented.tmp"
-"""Sibling folder where a run stages its output before swapping it in."""
+AUGMENTED_PACK_NAME = PACK_KINDS[AUGMENTED_DIR_NAME]
+"""The pack, inside the dataset folder, holding the augmented copies."""
 
-_OLD_DIR_NAME = ".augmented.old"
 _SUPPORTED_MODES = ("L", "RGB")
 
 
@@ -62,8 +74,8 @@ class AugmentResult:
     """Augmented images written (source images x copies; 0 when augmentation is off)."""
     source_images: int
     """Train images of the manifest that were augmented (or would have been, when off)."""
-    output_dir: Path
-    """``<dataset>/augmented``: the folder of augmented copies (absent when augmentation is off)."""
+    output_path: Path
+    """``<dataset>/augmented.zip``: the pack of augmented copies (absent when augmentation is off)."""
     manifest_path: Path
     """The augmented manifest (header only when augmentation is off)."""
 
@@ -138,32 +150,32 @@ def augment_image(image: Image.Image, config: AugmentConfig, rng: np.random.Gene
     return Image.fromarray(out)
 
 
-def _load_source(dataset_dir: Path, row: ManifestRow) -> Image.Image:
+def _load_source(reader: DatasetReader, row: ManifestRow, limit: int) -> Image.Image:
     """Read a train image, check it against its manifest sha256 and return it in mode L or RGB."""
-    path = dataset_dir / row.path
     try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise PipelineError(f"{path}: cannot read source image: {error.strerror or error}") from None
+        data = reader.read(row.path, limit)
+    except DatasetReadError as error:
+        raise PipelineError(f"{error} (augment's source image {row.path})") from None
+    where = reader.location(row.path)
     digest = hashlib.sha256(data).hexdigest()
     if digest != row.sha256:
         raise PipelineError(
-            f"{path}: sha256 {digest[:16]}... does not match the manifest ({row.sha256[:16]}...); "
+            f"{where}: sha256 {digest[:16]}... does not match the manifest ({row.sha256[:16]}...); "
             "the image changed since ingest (run `mlops ingest` again)"
         )
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with Image.open(io.BytesIO(data), formats=list(DATASET_FORMATS)) as opened:
             opened.load()
             image = opened.copy()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise PipelineError(f"{path}: cannot decode source image: {error}") from None
+        raise PipelineError(f"{where}: cannot decode source image: {error}") from None
     if image.mode not in _SUPPORTED_MODES:
         image = image.convert("RGB" if row.channels == 3 else "L")
     return image
 
 
 def _check_label(row: ManifestRow, manifest_path: Path) -> None:
-    """Refuse labels that cannot be a single folder name (they would escape ``augmented/``)."""
+    """Refuse labels that cannot be a single folder name (they would escape ``augmented/`` in the pack)."""
     label = row.label
     if label in ("", ".", "..") or "/" in label or "\\" in label or "\0" in label:
         raise PipelineError(f"{manifest_path}: label {label!r} of {row.path} cannot be a folder name")
@@ -184,60 +196,65 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _augment_source(row: ManifestRow, dataset_dir: Path, staged_dir: Path, config: AugmentConfig) -> list[ManifestRow]:
-    """Write the K copies of one train image under ``staged_dir`` and return their manifest rows."""
-    source = _load_source(dataset_dir, row)
+def _augment_source(
+    row: ManifestRow, reader: DatasetReader, config: AugmentConfig, limit: int
+) -> list[tuple[ManifestRow, bytes]]:
+    """The K copies of one train image: each one's manifest row and PNG bytes."""
+    source = _load_source(reader, row, limit)
     channels = len(source.getbands())
-    rows: list[ManifestRow] = []
+    copies: list[tuple[ManifestRow, bytes]] = []
     for copy_index in range(config.copies):
         augmented = augment_image(source, config, copy_rng(config.seed, row.sha256, copy_index))
         data = _png_bytes(augmented)
-        name = f"{row.sha256[:16]}-{copy_index}.png"
-        target = staged_dir / row.label / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        rows.append(
-            ManifestRow(
-                path=f"{AUGMENTED_DIR_NAME}/{row.label}/{name}",
-                label=row.label,
-                split="train",
-                width=augmented.width,
-                height=augmented.height,
-                channels=channels,
-                bytes=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-                parent_sha256=row.sha256,
+        copies.append(
+            (
+                ManifestRow(
+                    path=f"{AUGMENTED_DIR_NAME}/{row.label}/{row.sha256[:16]}-{copy_index}.png",
+                    label=row.label,
+                    split="train",
+                    width=augmented.width,
+                    height=augmented.height,
+                    channels=channels,
+                    bytes=len(data),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    parent_sha256=row.sha256,
+                ),
+                data,
             )
         )
-    return rows
+    return copies
 
 
-def _remove(path: Path) -> None:
-    """Remove a file or folder tree if it exists."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+_worker_reader: DatasetReader | None = None
+"""In a worker process of a parallel augment: the reader of the dataset, opened once."""
 
 
-def _swap_in(staging: Path, output_dir: Path, manifest_path: Path) -> None:
-    """Replace ``output_dir`` and ``manifest_path`` by the staged folder and manifest."""
-    old = output_dir.with_name(_OLD_DIR_NAME)
-    _remove(old)
-    if output_dir.exists():
-        os.replace(output_dir, old)
-    try:
-        os.replace(staging / AUGMENTED_DIR_NAME, output_dir)
-        os.replace(staging / manifest_path.name, manifest_path)
-    except OSError:
-        # Put the previous folder back; the staged one is removed by the caller.
-        if old.exists():
-            if output_dir.exists():
-                os.replace(output_dir, staging / AUGMENTED_DIR_NAME)
-            os.replace(old, output_dir)
-        raise
-    _remove(old)
-    _remove(staging)
+def _open_worker_reader(dataset_dir: Path) -> None:
+    global _worker_reader
+    _worker_reader = DatasetReader(dataset_dir)
+
+
+def _augment_chunk(config: AugmentConfig, limit: int, rows: list[ManifestRow]) -> list[list[tuple[ManifestRow, bytes]]]:
+    """:func:`_augment_source` of each of ``rows``, in a worker process (its reader opened by the initializer)."""
+    if _worker_reader is None:
+        raise RuntimeError("_augment_chunk runs in a worker process whose initializer opened the dataset")
+    return [_augment_source(row, _worker_reader, config, limit) for row in rows]
+
+
+def _augmented(
+    sources: list[ManifestRow], dataset_dir: Path, config: AugmentConfig, limit: int
+) -> Generator[list[tuple[ManifestRow, bytes]], None, None]:
+    """The copies of every source, in order: in this process, or on every core for a large train split."""
+    workers = parallel.workers_for(len(sources))
+    if workers:
+        work = functools.partial(_augment_chunk, config, limit)
+        yield from parallel.ordered_map(
+            work, sources, workers=workers, initializer=_open_worker_reader, initargs=(dataset_dir,)
+        )
+        return
+    with DatasetReader(dataset_dir) as reader:
+        for row in sources:
+            yield _augment_source(row, reader, config, limit)
 
 
 def _train_sources(rows: list[ManifestRow], manifest_path: Path) -> list[ManifestRow]:
@@ -256,39 +273,46 @@ def augment_dataset(project: Project) -> AugmentResult:
 
     When augmentation is disabled or ``copies`` is 0, removes any previous augmented output and
     writes an augmented manifest with its header only, so training uses the originals alone.
-    Raises :class:`PipelineError` when the manifest is missing or malformed, or a source image is
-    unreadable or changed since ingest; the previous augmented output is then left as it was.
+    Raises :class:`PipelineError` when the manifest is missing or malformed, a source image is
+    unreadable or changed since ingest, or the staged output cannot be written (a full disk); the
+    previous augmented output is then left as it was. Holds the dataset's lock throughout, so a second
+    augment (or an ingest) of the same dataset waits for this one.
     """
     config = project.config.augment
+    limit = project.config.ingest.max_file_bytes
     dataset_dir = project.dataset_dir
-    output_dir = dataset_dir / AUGMENTED_DIR_NAME
+    output_path = dataset_dir / AUGMENTED_PACK_NAME
     manifest_path = project.augmented_manifest_path
-    sources = _train_sources(read_manifest(project.manifest_path), project.manifest_path)
-    staging = dataset_dir / STAGING_DIR_NAME
-    _remove(staging)
-
-    if not config.enabled or config.copies == 0:
-        _remove(output_dir)
-        write_manifest(manifest_path, [], augmented=True)
-        return AugmentResult(0, len(sources), output_dir, manifest_path)
-
-    staged_dir = staging / AUGMENTED_DIR_NAME
+    written: list[ManifestRow] = []
     try:
-        staged_dir.mkdir(parents=True)
-        written: list[ManifestRow] = []
-        progress = tqdm(
-            sources,
-            desc="augment",
-            unit="img",
-            file=sys.stderr,
-            disable=not _stderr_is_tty(),
-        )
-        with progress:
-            for row in progress:
-                written.extend(_augment_source(row, dataset_dir, staged_dir, config))
-        write_manifest(staging / manifest_path.name, written, augmented=True)
-        _swap_in(staging, output_dir, manifest_path)
-    except BaseException:
-        _remove(staging)
-        raise
-    return AugmentResult(len(written), len(sources), output_dir, manifest_path)
+        with staging_area(project, "augment") as area:
+            sources = _train_sources(read_manifest(project.manifest_path), project.manifest_path)
+            if config.enabled and config.copies > 0:
+                progress = tqdm(
+                    total=len(sources), desc="augment", unit="img", file=sys.stderr, disable=not _stderr_is_tty()
+                )
+                with (
+                    progress,
+                    contextlib.closing(_augmented(sources, dataset_dir, config, limit)) as augmented,
+                    PackWriter(area.new / AUGMENTED_PACK_NAME) as pack,
+                ):
+                    for copies in augmented:
+                        for row, data in copies:
+                            pack.add(row.path, data)
+                            written.append(row)
+                        progress.update()
+            # With augmentation off nothing is staged as augmented.zip: publishing removes the old pack.
+            write_manifest(area.new / manifest_path.name, written, augmented=True)
+            area.publish(
+                [
+                    (AUGMENTED_PACK_NAME, output_path),
+                    (AUGMENTED_DIR_NAME, dataset_dir / AUGMENTED_DIR_NAME),  # loose copies of before packs: removed
+                    (manifest_path.name, manifest_path),
+                ]
+            )
+    except OSError as error:
+        raise PipelineError(
+            f"{error.filename or project.staging_dir}: cannot write the staged augmented copies "
+            f"({error.strerror or error}); the previous augmented output is unchanged"
+        ) from None
+    return AugmentResult(len(written), len(sources), output_path, manifest_path)

@@ -2,11 +2,14 @@
 
 The manifest (``data/<name>/manifest.csv``) and the images it lists are turned into three small tables,
 each validated by its own expectation suite; one Checkpoint runs all three and renders one Data Docs site
-under ``validate.report_dir``:
+under ``validate.report_dir``. The images are read from the dataset's pack ``images.zip`` (or the loose
+files of a dataset versioned before packs: :mod:`pipelines.data.packs`) and measured on every core for a
+large dataset (:func:`~pipelines.data.profile.measure_images`); a pack that cannot be read (truncated,
+corrupt, a member named with ``..``) fails every image it holds and is named first in the failure.
 
 ``images`` (one row per manifest row, indexed by ``path``)
-    the table is not empty; every file decodes (Pillow ``load()``, size and pixel limits of ``ingest``);
-    the file's sha256 matches the manifest; labels are configured classes and splits are train/val/test;
+    the table is not empty; every image decodes (Pillow ``load()``, size and pixel limits of ``ingest``);
+    the image's sha256 matches the manifest; labels are configured classes and splits are train/val/test;
     the decoded height, width and channels match ``dataset``; sha256 is unique, so no image is duplicated
     and none leaks across splits.
 ``split_counts`` (one row per configured class x split, indexed by ``label``, ``split``)
@@ -40,11 +43,12 @@ import numpy as np
 
 from pipelines.config import SPLITS, Config
 from pipelines.data.manifest import read_manifest
+from pipelines.data.packs import PACK_KINDS, DatasetReader, DatasetReadError
 from pipelines.data.profile import (
     ClassProfile,
     ImageStats,
     compute_profile,
-    measure_image,
+    measure_images,
     profile_path,
     read_profile,
     write_profile,
@@ -317,15 +321,15 @@ def validate_dataset(project: Project) -> ValidationReport:
     reference = read_profile(reference_path) if reference_path.is_file() else None
 
     limits = config.ingest
-    root = project.dataset_dir.resolve()
-    images = [measure_image(root, row, limits.max_image_pixels, limits.max_file_bytes, root) for row in rows]
+    images = measure_images(project.dataset_dir, rows, limits.max_image_pixels, limits.max_file_bytes)
     tables = _tables(images, config, reference)
     result = _run_checkpoint(tables, _suites(config, drift=reference is not None), report_dir, config.dataset.name)
     evaluated = sum(int(validation.statistics["evaluated_expectations"]) for validation in result.run_results.values())
     report_path = report_dir / "index.html"
     if not result.success:
         reasons = {image.path: image.error for image in images if image.error}
-        lines = _failure_lines(result, reasons)
+        pack_problems = _pack_problems(project.dataset_dir)  # an unusable pack is named once, first
+        lines = [*(f"  {problem}" for problem in pack_problems), *_failure_lines(result, reasons)]
         failed = sum(
             int(validation.statistics["unsuccessful_expectations"]) for validation in result.run_results.values()
         )
@@ -345,6 +349,18 @@ def validate_dataset(project: Project) -> ValidationReport:
         reference_path=reference_path,
         drift_checked=reference is not None,
     )
+
+
+def _pack_problems(dataset_dir: Path) -> list[str]:
+    """Why each of the dataset's packs cannot be read (unreadable, truncated, refused), naming it; [] if none."""
+    problems = []
+    with DatasetReader(dataset_dir) as reader:
+        for kind in PACK_KINDS:
+            try:
+                reader.check(kind)
+            except DatasetReadError as error:
+                problems.append(str(error))
+    return problems
 
 
 def _class_size_hint(config: Config) -> str:

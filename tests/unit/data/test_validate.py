@@ -362,3 +362,65 @@ def test_too_small_class_is_refused_with_the_size_it_needs(tmp_path: Path) -> No
     ingest(project, f"folder:{source}")
     with pytest.raises(DataValidationError, match=r"each class needs at least 32 images"):
         validate_dataset(project)
+
+
+# --- the packed layout -----------------------------------------------------------------------------
+
+
+def test_packed_dataset_passes_and_measures_as_the_loose_one(
+    valid_run: tuple[Project, ValidationReport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.data import parallel
+
+    _, loose_report = valid_run
+    (tmp_path / "packed").mkdir()
+    project = Project.load(write_params(tmp_path / "packed"))
+    write_tiny_dataset(project, per_class_per_split=2, packed=True)
+    report = validate_dataset(project)
+    assert report.success, f"a packed dataset validates: {report}"
+    written = sorted(path.name for path in project.dataset_dir.iterdir())
+    assert written == ["images.zip", "manifest.csv", "profile.json"], f"a pack, its manifest, the profile: {written}"
+    assert report.profile_path.read_bytes() == loose_report.profile_path.read_bytes(), "same images, same profile"
+
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_ITEMS", 0)  # worker processes even for 18 images
+    monkeypatch.setattr(parallel, "worker_count", lambda: 2)
+    again = validate_dataset(project)
+    assert again.success, "measured in two worker processes, the dataset still passes"
+    assert again.profile_path.read_bytes() == loose_report.profile_path.read_bytes(), "and gives the same profile"
+
+
+def test_truncated_pack_is_named_in_the_failure(tiny_project: ProjectFactory) -> None:
+    project = tiny_project()
+    write_tiny_dataset(project, per_class_per_split=1, packed=True)
+    pack = project.dataset_dir / "images.zip"
+    data = pack.read_bytes()
+    pack.write_bytes(data[: len(data) - 40])
+    message = failure_message(project)
+    assert f"  {pack}: not a readable pack, truncated or corrupt" in message, f"the pack is named first:\n{message}"
+    assert "9 of 9 rows failed" in message, f"no image of the pack can be read:\n{message}"
+    assert f"({pack}: not a readable pack" in message, f"each listed image gives the pack as the reason:\n{message}"
+    assert not (project.dataset_dir / PROFILE_NAME).exists(), "no profile may be written on failure"
+
+
+def test_pack_member_with_dot_dot_is_refused_by_name(tiny_project: ProjectFactory) -> None:
+    import zipfile
+
+    project = tiny_project()
+    write_tiny_dataset(project, per_class_per_split=1, packed=True)
+    with zipfile.ZipFile(project.dataset_dir / "images.zip", "a") as archive:
+        archive.writestr("../../escape.png", b"x")
+    message = failure_message(project)
+    assert "member '../../escape.png' holds '..'; the pack is refused" in message, f"refused by name:\n{message}"
+    assert "9 of 9 rows failed" in message, f"nothing of a refused pack is read:\n{message}"
+    assert not (project.root / "escape.png").exists(), "nothing is extracted"
+
+
+def test_pack_member_over_the_size_limit_is_refused_before_reading(tiny_project: ProjectFactory) -> None:
+    project = tiny_project({"ingest": {"max_file_bytes": 100}})
+    rows = write_tiny_dataset(project, per_class_per_split=1, packed=True)
+    large = [row for row in rows if row.bytes > 100]
+    assert large, f"some images are over 100 bytes: {[row.bytes for row in rows]}"
+    message = failure_message(project)
+    expected = f"{large[0].path} (member of {project.dataset_dir / 'images.zip'} is {large[0].bytes} bytes, over"
+    assert expected in message, f"the declared size is refused, the pack named:\n{message}"
+    assert f"{len(large)} of 9 rows failed" in message, f"every image over the limit fails:\n{message}"
