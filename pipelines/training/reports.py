@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from pipelines.release.metrics import ClassificationMetrics
 
 
-def _pyplot() -> Any:
+def headless_pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +45,7 @@ def log_training_curves(job_dir: Path) -> None:
     records = read_progress(job_dir)
     if not records:
         return
-    plt = _pyplot()
+    plt = headless_pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [int(record["epoch"]) + 1 for record in records]
     for axis, metric in zip(axes, ("loss", "accuracy"), strict=True):
@@ -66,7 +67,7 @@ def log_classification_artifacts(metrics: ClassificationMetrics, classes: Sequen
     import numpy as np
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    plt = _pyplot()
+    plt = headless_pyplot()
     figure, axis = plt.subplots(figsize=(6, 5))
     display = ConfusionMatrixDisplay(np.asarray(metrics.confusion_matrix), display_labels=list(classes))
     display.plot(ax=axis, cmap="Blues", values_format="d", text_kw={"fontsize": 8})
