@@ -10,7 +10,11 @@ Steps: **resolve** the version -> **check_gate** (refuse a failed gate unless fo
 **infra_validate** (load as any MLflow user would, in a clean process; check the signature, the predictions
 against the evaluation's and the p95 latency; tag the version) -> **set_champion** (only an infra-validated
 version, unless forced; move the alias; record who, when, why and the replaced version on the version and in
-the champion history). Promoting the current champion again changes nothing.
+the champion history). Promoting the current champion again changes nothing. -> **deploy** (every running
+prediction service in `serve.endpoints` loads, checks and swaps to the champion; fails naming the service and
+the reason when one refuses it, which keeps serving the old version; skipped when no service answers and
+`serve.require_running` is false). The admin token comes from the Airflow connection `mlops_serving`
+(its password) if defined, else `MLOPS_SERVE_TOKEN`; without one the services' own alias polling is awaited.
 """
 
 from __future__ import annotations
@@ -54,20 +58,23 @@ def promote() -> None:
 
     @task
     def check_gate(version: str) -> dict[str, Any]:
+        from pipelines.release.compare import comparison_with_champion
         from pipelines.release.promote import check_gate as check
 
         force = bool(get_current_context()["params"]["force"])
-        result = run_step(check, load_project(), version, force)
+        project = load_project()
+        result = run_step(check, project, version, force)
+        print(comparison_with_champion(project, version) or "no other champion to compare with")
         return {"version": result.version, "gate": result.gate, "forced": result.forced}
 
     @task(execution_timeout=timedelta(minutes=15))
     def infra_validate(gate: dict[str, Any]) -> dict[str, Any]:
-        from pipelines.release.promote import infra_validate as validate
+        from pipelines.release.infra_check import infra_validate as validate
 
         force = bool(get_current_context()["params"]["force"])
         report = run_step(validate, load_project(), gate["version"], force=force)
-        if report.skipped:
-            print(f"version {report.version}: infra validation skipped (forced): {report.skipped}")
+        if report.skipped or report.note:
+            print(f"version {report.version}: infra validation skipped: {report.skipped or report.note}")
         else:
             print(
                 f"version {report.version}: loads in a clean process in {report.load_seconds:.1f} s, reproduces its "
@@ -93,11 +100,30 @@ def promote() -> None:
         print(f"champion: version {result.version} (replaced {result.previous or 'none'}, changed {result.changed})")
         return {"version": result.version, "previous": result.previous, "changed": result.changed}
 
+    @task(execution_timeout=timedelta(minutes=15))
+    def deploy(champion: dict[str, Any]) -> dict[str, Any]:
+        import os
+
+        from airflow.sdk import Connection
+        from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipException
+
+        from pipelines.release.serving.client import TOKEN_ENV, deploy_champion
+
+        try:
+            token = Connection.get("mlops_serving").password or None
+        except AirflowNotFoundException:
+            token = os.environ.get(TOKEN_ENV, "").strip() or None
+        report = run_step(deploy_champion, load_project(), champion["version"], token=token)
+        print(report.summary())
+        if report.skipped:
+            raise AirflowSkipException(report.skipped)
+        return {"version": report.version, "replicas": len(report.outcomes)}
+
     # Task outputs are XComArgs here and values when the tasks run (mypy: arg-type is off for dags/).
     version = resolve()
     gate_check = check_gate(version)
     validated = infra_validate(gate_check)
-    set_champion(validated)
+    deploy(set_champion(validated))
 
 
 promote()

@@ -11,6 +11,10 @@ evaluate -> gate -> register** (and **auto_promote** when the `auto_promote` par
   is registered and the champion is untouched.
 * Bad data fails **validate** at once (no retries); the Great Expectations Data Docs report is under
   `artifacts/validation/`.
+* With a sweep in `params.yaml` (several candidates: optimizer, learning rate, architecture...), **train**
+  becomes **plan_candidates -> train (mapped, one instance per candidate, each on the training queue, a
+  child MLflow run of one parent) -> select** (the best on the validation split). Without one (the default)
+  it is the single **train** task.
 * **train** reuses the last run trained on the same data version, training code and parameters instead of
   training again (nothing new is registered); the `force` param retrains anyway.
 """
@@ -85,22 +89,43 @@ def retrain() -> None:
         print(f"data version {result.version} ({'new' if result.is_new else 'unchanged'}), {result.files} files")
         return result.version
 
+    @task
+    def plan_candidates(data_version: str) -> list[dict[str, Any]]:
+        from pipelines.training.sweep import plan_sweep
+
+        candidates = run_step(plan_sweep, load_project(), data_version)
+        print(f"{len(candidates)} candidate(s): {', '.join(str(candidate['name']) for candidate in candidates)}")
+        return candidates
+
     @task(queue=training_queue(), execution_timeout=timedelta(hours=3))
-    def train(data_version: str) -> str:
+    def train(data_version: str, candidate: dict[str, Any] | None = None) -> str:
         from pipelines.training.train import train as train_step
 
         context = get_current_context()
         project = load_project()
+        job_id = job_id_for_run(context["dag"].dag_id, context["run_id"])
         result = run_step(
             train_step,
             project,
             data_version=data_version,
             workers=project.config.train.workers,
-            job_id=job_id_for_run(context["dag"].dag_id, context["run_id"]),
+            job_id=f"{job_id}-{candidate['name']}" if candidate else job_id,
             max_restarts=project.config.train.max_restarts,
             force=bool(context["params"]["force"]),
+            candidate=candidate,
         )
         return result.run_id
+
+    @task
+    def select(candidate_runs: list[str], candidates: list[dict[str, Any]]) -> str:
+        from pipelines.training.sweep import select_candidate
+
+        parent = candidates[0].get("parent_run_id") if candidates else None
+        selection = run_step(select_candidate, load_project(), list(candidate_runs), parent)
+        for row in selection.ranking:
+            print(f"  {row['candidate']:<40} {selection.metric} {row[selection.metric]}  run {row['run_id']}")
+        print(f"selected {selection.candidate} (run {selection.run_id}) on {selection.metric} = {selection.value:.4f}")
+        return selection.run_id
 
     @task
     def evaluate(candidate_run: str) -> str:
@@ -153,9 +178,15 @@ def retrain() -> None:
     if training_backend() == "kubernetes":
         from pipelines.training.kubernetes import kubernetes_training
 
+        if len(CONFIG.sweep.plan()) > 1:
+            raise ValueError("sweep: candidate sweeps run on the local backend (Celery queue), not on kubernetes")
         candidate_run = kubernetes_training(data_version)
-    else:
+    elif len(CONFIG.sweep.plan()) == 1:
         candidate_run = train(data_version)
+    else:
+        candidates = plan_candidates(data_version)
+        candidate_runs = train.partial(data_version=data_version).expand(candidate=candidates)
+        candidate_run = select(candidate_runs, candidates)
     evaluated_run = evaluate(candidate_run)
     passed_run = gate(evaluated_run)
     model_version = register(passed_run)

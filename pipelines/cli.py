@@ -159,11 +159,48 @@ def _print_promotion(project: Project, result: Any) -> None:
         print(f"{name} version {result.version} is champion{forced}; it replaced {result.previous or 'no champion'}")
 
 
+def _compare(project: Project, args: argparse.Namespace) -> None:
+    from pipelines.files import write_atomic
+    from pipelines.release.compare import compare_models, format_html, format_text
+
+    report = compare_models(project, args.a, args.b)
+    if args.html:
+        write_atomic(args.html, format_html(report))
+        print(f"wrote {args.html}")
+    print(report.model_dump_json(indent=2) if args.json else format_text(report))
+
+
 def _status(project: Project, args: argparse.Namespace) -> None:
     from pipelines.release.status import collect_status, format_status
 
     status = collect_status(project)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
+
+
+def _serve(project: Project, args: argparse.Namespace) -> None:
+    from pipelines.release.serving.server import run_server
+
+    run_server(project, args.host, args.port, access_log=args.access_log)
+
+
+def _predict(project: Project, args: argparse.Namespace) -> None:
+    from pipelines.release.serving.client import endpoints, predict_files
+
+    endpoint = args.endpoint or next(
+        iter(endpoints(project)), f"http://{project.config.serve.host}:{project.config.serve.port}"
+    )
+    failed = 0
+    for answer in predict_files(endpoint, args.files):
+        if "error" in answer:
+            failed += 1
+            print(f"{answer['file']}: error: {answer['error']}")
+        else:
+            print(
+                f"{answer['file']}: class {answer['class']}  confidence {answer['confidence']:.4f}  "
+                f"model version {answer['model_version']}  request {answer['request_id']}"
+            )
+    if failed:
+        raise PipelineError(f"{failed} of {len(args.files)} images got no prediction from {endpoint}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,9 +254,25 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="make the previous champion champion again")
     rollback.add_argument("--reason", required=True)
     rollback.set_defaults(handler=_rollback)
+    compare = commands.add_parser("compare", help="two models side by side: params, metrics, paired test, data, code")
+    compare.add_argument("a", metavar="A", help="a version number, champion, challenger, or an MLflow run id")
+    compare.add_argument("b", metavar="B", help="the other model, named the same ways")
+    compare.add_argument("--json", action="store_true", help="print the report as JSON")
+    compare.add_argument("--html", type=Path, help="also write the report as an HTML page to this file")
+    compare.set_defaults(handler=_compare)
     status = commands.add_parser("status", help="champion, challenger, recent runs, champion history")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)
+
+    serve = commands.add_parser("serve", help="serve the champion over HTTP (follows the alias, swaps safely)")
+    serve.add_argument("--host", help="address to listen on (default: serve.host)")
+    serve.add_argument("--port", type=int, help="port (default: serve.port)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(handler=_serve)
+    predict = commands.add_parser("predict", help="send images to the prediction service; print class and version")
+    predict.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    predict.add_argument("--endpoint", help="the service's URL (default: the first of serve.endpoints)")
+    predict.set_defaults(handler=_predict)
 
     data = commands.add_parser("data", help="data versions: list, checkout")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

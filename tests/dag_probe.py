@@ -103,6 +103,7 @@ def describe_dag(dag: Any, confs: list[dict[str, Any]]) -> dict[str, Any]:
                 "execution_timeout_s": timeout.total_seconds() if timeout is not None else None,
                 "pool": task.pool,
                 "queue": task.queue,
+                "is_mapped": bool(getattr(task, "is_mapped", False)),
                 "upstream": sorted(task.upstream_task_ids),
                 "downstream": sorted(task.downstream_task_ids),
                 "return_hint": return_hint(callable_) if callable_ is not None else "NO_CALLABLE",

@@ -1,7 +1,7 @@
 """Load a registered model as any MLflow user would, in a clean process, and check it against its own evaluation.
 
-Run by :func:`pipelines.release.promote.infra_validate` as ``python -I consumer_check.py ...`` with a scrubbed
-environment: isolated mode keeps this project off ``sys.path`` (so its ``TF_USE_LEGACY_KERAS`` and every other
+Run by :func:`pipelines.release.infra_check.infra_validate` as ``python -I consumer_check.py ...`` with a
+scrubbed environment: isolated mode keeps this project off ``sys.path`` (so its ``TF_USE_LEGACY_KERAS`` and every other
 project setting stay out), and the environment holds only what a consumer has (``PATH``, ``HOME``, the
 tracking URI and its credentials). It imports nothing but the standard library, numpy and mlflow.
 
@@ -93,7 +93,19 @@ def check(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -I consumer_check.py --model-uri URI --batch FILE.npz ...``; prints JSON, exits 1 on failure."""
+    """``python -I consumer_check.py --model-uri URI --batch FILE.npz ...``; prints JSON, exits 1 on failure.
+
+    ``--wait`` first imports what loading a model needs, then reads these arguments as one JSON list from
+    stdin: a checker started ahead of time (by ``make run``, so its imports overlap the retrain) that still
+    loads the model, and only that model, fresh.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--wait"]:
+        import mlflow.pyfunc  # noqa: F401  (what a consumer's process imports to load the model)
+        import numpy  # noqa: F401
+        import tensorflow  # noqa: F401
+
+        argv = [str(item) for item in json.loads(sys.stdin.readline() or "[]")]
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--model-uri", required=True)
     parser.add_argument("--batch", required=True, help="npz with 'images' and the pipeline's 'probabilities'")

@@ -110,8 +110,11 @@ def evaluate_candidate(project: Project, run_id: str) -> EvaluationResult:
         )
     champion = champion_version(project.config.registry.model_name)
     champion_label = f"version {champion.version}" if champion is not None else None
-    if run.data.tags.get("evaluated_against") == (champion_label or "none"):
-        print(f"run {run_id} was already evaluated against {champion_label or 'no champion'}: reusing that evaluation")
+    is_champion = champion is not None and champion.run_id == run_id and "evaluated_against" in run.data.tags
+    if is_champion or run.data.tags.get("evaluated_against") == (champion_label or "none"):
+        against = champion_label or "no champion"
+        why = "it is the champion itself" if is_champion else f"already evaluated against {against}"
+        print(f"run {run_id}: {why}; reusing its evaluation")
         return _result(run_id, champion, load_comparison(run_id))
     test_x, test_y = load_arrays(project, "test")
     candidate_probabilities = predict_probabilities(f"runs:/{run_id}/model", test_x, classes)

@@ -91,6 +91,10 @@ def register_candidate(project: Project, run_id: str) -> RegistrationResult:
             lambda: client.set_registered_model_alias(name, CHALLENGER_ALIAS, str(version.version)),
             "point the challenger alias at the new version",
         )
+    if reason == "registered":
+        from pipelines.release.model_card import publish_model_card
+
+        publish_model_card(project, str(version.version))
     return RegistrationResult(run_id, True, str(version.version), reason)
 
 

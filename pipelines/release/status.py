@@ -1,4 +1,4 @@
-"""Status: champion and challenger, their metrics and data versions, recent retraining runs, champion history."""
+"""Status: champion and challenger, their metrics and data versions, recent runs, champion history, services."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def collect_status(project: Project) -> dict[str, Any]:
 
     from mlflow.tracking import MlflowClient
 
-    from pipelines.release.promote import champion_history
+    from pipelines.release.champion_ledger import champion_history
     from pipelines.tracking import connect
 
     experiment_id = connect(project)
@@ -65,7 +65,15 @@ def collect_status(project: Project) -> dict[str, Any]:
         ],
         "history": [asdict(entry) for entry in champion_history(project)],
         "outside_contract": _versions_outside_contract(client, name),
+        "services": _services(project),
     }
+
+
+def _services(project: Project) -> list[dict[str, Any]]:
+    """What each configured prediction service serves (``GET /model``, bounded timeout), or ``unreachable``."""
+    from pipelines.release.serving.client import served_versions
+
+    return served_versions(project)
 
 
 def _versions_outside_contract(client: Any, name: str) -> list[dict[str, str]]:
@@ -116,6 +124,14 @@ def format_status(status: dict[str, Any]) -> str:
     if status.get("outside_contract"):
         lines.append("versions that load only inside this project (promote them with force)")
         lines += [f"  version {item['version']}: {item['problem']}" for item in status["outside_contract"]]
+    lines.append("prediction services")
+    if not status.get("services"):
+        lines.append("  none configured (serve.endpoints)")
+    for service in status.get("services", []):
+        if service["state"] == "serving":
+            lines.append(f"  {service['endpoint']}  version {service['version']}  (loaded {service['loaded_at']})")
+        else:
+            lines.append(f"  {service['endpoint']}  {service['state']}  {service.get('detail', '')}".rstrip())
     lines.append("champion history")
     if not status["history"]:
         lines.append("  none")

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from pipelines.config import Config, load_config
-from pipelines.platform.local_airflow import DAGS_FOLDER
+from pipelines.platform.airflow_home import DAGS_FOLDER
 from tests.support import REPO_ROOT
 
 REPO = REPO_ROOT
@@ -28,7 +29,7 @@ DAG_FILES = sorted(path.name for path in DAGS_FOLDER.glob("*.py"))
 
 HEAVY_MODULES = ("tensorflow", "tf_keras", "keras", "mlflow", "great_expectations", "dvc")
 REPORTED_MODULES = ("pandas", "sklearn")
-KNOWN_POOLS = {"default_pool", "dvc"}  # ``dvc`` is created by ``pipelines.platform.local_airflow.prepare``
+KNOWN_POOLS = {"default_pool", "dvc"}  # ``dvc`` is created by ``pipelines.platform.airflow_home.prepare``
 SMALL_XCOM_RETURNS = {
     "str",
     "int",
@@ -37,10 +38,27 @@ SMALL_XCOM_RETURNS = {
     "dict[str, str]",
     "dict[str, int]",
     "dict[str, bool]",
+    "list[dict[str, typing.Any]]",  # the sweep's candidates: bounded by sweep.max_candidates (at most 32)
 }
 
 RETRAIN_ORDER = ["ingest", "validate", "augment", "version", "train", "evaluate", "gate", "register", "auto_promote"]
-PROMOTE_ORDER = ["resolve", "check_gate", "infra_validate", "set_champion"]
+SWEEP_ORDER = [
+    "ingest",
+    "validate",
+    "augment",
+    "version",
+    "plan_candidates",
+    "train",
+    "select",
+    "evaluate",
+    "gate",
+    "register",
+    "auto_promote",
+]
+# train also takes the data version; select reads the plan (the sweep's parent run).
+SWEEP_EXTRA_EDGES = [("version", "train"), ("plan_candidates", "select")]
+PROMOTE_ORDER = ["resolve", "check_gate", "infra_validate", "set_champion", "deploy"]
+MONITOR_ORDER = ["check", "request_retrain"]
 
 # (label, run conf, accepted?): checked the way Airflow checks a run conf when it creates the run.
 PROMOTE_CONFS: list[tuple[str, dict[str, Any], bool]] = [
@@ -137,7 +155,7 @@ def test_dagbag_has_no_import_errors(dagbag: dict[str, Any]) -> None:
 
 
 def test_dagbag_holds_exactly_the_project_dags(dagbag: dict[str, Any]) -> None:
-    assert set(dagbag["dag_ids"]) == {"retrain", "promote"}, f"unexpected DAG ids {dagbag['dag_ids']}"
+    assert set(dagbag["dag_ids"]) == {"retrain", "promote", "monitor"}, f"unexpected DAG ids {dagbag['dag_ids']}"
 
 
 def test_dag_parsing_emits_no_warnings(dagbag: dict[str, Any]) -> None:
@@ -198,7 +216,7 @@ def test_dag_file_parses_without_db_or_connections(dag_file: str, tmp_path: Path
 # 4. Structure of each DAG.
 
 
-@pytest.mark.parametrize("dag_id", ["retrain", "promote"])
+@pytest.mark.parametrize("dag_id", ["retrain", "promote", "monitor"])
 def test_dag_settings(dagbag: dict[str, Any], dag_id: str) -> None:
     dag = the_dag(dagbag, dag_id)
     assert dag["tags"], f"{dag_id} has no tags"
@@ -212,18 +230,21 @@ def test_dag_settings(dagbag: dict[str, Any], dag_id: str) -> None:
         assert timeout > 0, f"{dag_id}.{task['task_id']} has execution_timeout {timeout} s"
 
 
-def assert_chain(dag: dict[str, Any], order: list[str]) -> None:
-    """The DAG is exactly the chain ``order[0] -> order[1] -> ...``: no other task, edge or branch."""
+def assert_chain(dag: dict[str, Any], order: list[str], extra_edges: list[tuple[str, str]] | None = None) -> None:
+    """The DAG is exactly the chain ``order[0] -> order[1] -> ...`` plus ``extra_edges``: no other task or edge."""
     tasks = tasks_by_id(dag)
+    extra = extra_edges or []
     assert sorted(tasks) == sorted(order), f"{dag['dag_id']} has tasks {sorted(tasks)}, expected {order}"
     for index, task_id in enumerate(order):
-        expected_down = order[index + 1 : index + 2]
-        expected_up = order[index - 1 : index] if index else []
+        expected_down = sorted(order[index + 1 : index + 2] + [down for up, down in extra if up == task_id])
+        expected_up = sorted(
+            (order[index - 1 : index] if index else []) + [up for up, down in extra if down == task_id]
+        )
         task = tasks[task_id]
-        assert task["downstream"] == expected_down, (
+        assert sorted(task["downstream"]) == expected_down, (
             f"{dag['dag_id']}.{task_id} feeds {task['downstream']}, expected {expected_down}"
         )
-        assert task["upstream"] == expected_up, (
+        assert sorted(task["upstream"]) == expected_up, (
             f"{dag['dag_id']}.{task_id} waits on {task['upstream']}, expected {expected_up}"
         )
 
@@ -232,8 +253,26 @@ def test_retrain_task_order(dagbag: dict[str, Any]) -> None:
     assert_chain(the_dag(dagbag, "retrain"), RETRAIN_ORDER)
 
 
+def test_a_sweep_maps_train_over_its_candidates_and_selects_one(tmp_path: Path) -> None:
+    params = yaml.safe_load(PARAMS.read_text(encoding="utf-8"))
+    params["sweep"] = {"candidates": [{"optimizer": "sgd", "learning_rate": 0.05}, {"optimizer": "adagrad"}]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    home = tmp_path / "airflow_home"
+    env = {**probe_env(home, f"sqlite:///{home / 'airflow.db'}"), "MLOPS_PARAMS": str(tmp_path / "params.yaml")}
+    dag = the_dag(run_probe(tmp_path, env, "dagbag", json.dumps({})), "retrain")
+    assert_chain(dag, SWEEP_ORDER, SWEEP_EXTRA_EDGES)
+    assert tasks_by_id(dag)["train"]["is_mapped"], "train is mapped over the candidates"
+
+
 def test_promote_task_order(dagbag: dict[str, Any]) -> None:
     assert_chain(the_dag(dagbag, "promote"), PROMOTE_ORDER)
+
+
+def test_monitor_task_order_and_schedule(dagbag: dict[str, Any]) -> None:
+    dag = the_dag(dagbag, "monitor")
+    assert_chain(dag, MONITOR_ORDER)
+    assert dag["schedule"]["serialized_class"] == "CronTriggerTimetable", f"monitor runs on a cron: {dag['schedule']}"
+    assert dag["schedule"]["cron"] == "0 * * * *", f"hourly: {dag['schedule']}"
 
 
 def test_retrain_dvc_tasks_share_the_dvc_pool(dagbag: dict[str, Any]) -> None:
@@ -320,7 +359,7 @@ def test_promote_run_conf_is_validated(
 # 5. XCom stays small: tasks return strings, numbers, flags or small dicts of them.
 
 
-@pytest.mark.parametrize("dag_id", ["retrain", "promote"])
+@pytest.mark.parametrize("dag_id", ["retrain", "promote", "monitor"])
 def test_task_returns_stay_small(dagbag: dict[str, Any], dag_id: str) -> None:
     for task in the_dag(dagbag, dag_id)["tasks"]:
         assert task["return_hint"] in SMALL_XCOM_RETURNS, (

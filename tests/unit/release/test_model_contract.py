@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pipelines.errors import PromotionError
 from pipelines.project import Project
-from pipelines.release.promote import PromotionError
 from tests.support import free_port, versioned_project, wait_http
 
 MODEL = "tiny-classifier"
@@ -57,7 +57,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     from mlflow.tracking import MlflowClient
 
     from pipelines.release.evaluate import INFRA_BATCH_ARTIFACT, evaluate_candidate, gate_candidate
-    from pipelines.release.promote import infra_validate, set_champion
+    from pipelines.release.infra_check import infra_validate
+    from pipelines.release.promote import set_champion
     from pipelines.release.register import register_candidate
     from pipelines.tracking import connect, tracking_uri
     from pipelines.training.train import train
@@ -83,7 +84,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 def test_infra_validation_records_the_clean_process_check(registry: Registry) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipelines.release.promote import INFRA_TAG
+    from pipelines.release.infra_check import INFRA_TAG
 
     tag = MlflowClient().get_model_version(MODEL, "1").tags.get(INFRA_TAG, "")
     assert tag.startswith("passed"), f"the version carries the validation's verdict: {tag!r}"
@@ -189,7 +190,7 @@ def test_a_model_that_loads_only_with_a_project_variable_is_refused(registry: Re
     from mlflow.tracking import MlflowClient
 
     from pipelines.release import consumer_check
-    from pipelines.release.promote import INFRA_TAG, infra_validate
+    from pipelines.release.infra_check import INFRA_TAG, infra_validate
     from pipelines.release.status import collect_status
 
     old = log_old_format_version(registry.project)

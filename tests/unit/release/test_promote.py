@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
+from pipelines.errors import PromotionError
 from pipelines.project import Project
-from pipelines.release.promote import PromotionError
 from tests.support import versioned_project
 
 MODEL = "tiny-classifier"
@@ -96,7 +96,7 @@ def reset_champion(project: Project) -> None:
     from mlflow.exceptions import MlflowException
 
     from pipelines.project import CHAMPION_ALIAS
-    from pipelines.release.promote import HISTORY_TAG_PREFIX, ledger_name
+    from pipelines.release.champion_ledger import HISTORY_TAG_PREFIX, ledger_name
 
     client = client_for(project)
     with contextlib.suppress(MlflowException):  # no promotion recorded yet
@@ -120,7 +120,7 @@ def no_champion(registry: Registry) -> Project:
     Versions 1 and 2 carry the tag a passed infra validation leaves (what ``set_champion`` requires);
     version 3 never passed it.
     """
-    from pipelines.release.promote import INFRA_TAG
+    from pipelines.release.infra_check import INFRA_TAG
 
     reset_champion(registry.project)
     client = client_for(registry.project)
@@ -138,13 +138,14 @@ def infra_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     Like the real step, a passing check leaves the ``infra_validation`` tag that ``set_champion`` requires.
     """
     import pipelines.release.promote as promote_module
+    from pipelines.release.infra_check import INFRA_TAG, InfraReport
 
     calls: list[str] = []
 
-    def fake(project: Project, version: str, *, force: bool = False) -> promote_module.InfraReport:
+    def fake(project: Project, version: str, *, force: bool = False) -> InfraReport:
         calls.append(version)
-        client_for(project).set_model_version_tag(MODEL, version, promote_module.INFRA_TAG, "passed (stub)")
-        return promote_module.InfraReport(version, 5, 8, [8, 3], 1.0, 10_000.0)
+        client_for(project).set_model_version_tag(MODEL, version, INFRA_TAG, "passed (stub)")
+        return InfraReport(version, 5, 8, [8, 3], 1.0, 10_000.0)
 
     monkeypatch.setattr(promote_module, "infra_validate", fake)
     return calls
@@ -152,9 +153,9 @@ def infra_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def champion(project: Project) -> str | None:
     from pipelines.project import CHAMPION_ALIAS
-    from pipelines.release.promote import _alias_version
+    from pipelines.release.champion_ledger import alias_version
 
-    return _alias_version(client_for(project), MODEL, CHAMPION_ALIAS)
+    return alias_version(client_for(project), MODEL, CHAMPION_ALIAS)
 
 
 def version_tags(project: Project, version: str) -> dict[str, str]:
@@ -204,7 +205,8 @@ def test_check_gate_refuses_a_failed_version_unless_forced(no_champion: Project)
 
 
 def test_promote_challenger_sets_alias_audit_tags_and_history(no_champion: Project, infra_calls: list[str]) -> None:
-    from pipelines.release.promote import champion_history, promote
+    from pipelines.release.champion_ledger import champion_history
+    from pipelines.release.promote import promote
 
     result = promote(no_champion, "challenger", "first release")
     assert (result.version, result.previous, result.changed) == ("1", None, True), f"version 1 promoted: {result}"
@@ -224,7 +226,8 @@ def test_promote_challenger_sets_alias_audit_tags_and_history(no_champion: Proje
 
 
 def test_promoting_the_champion_again_changes_nothing(no_champion: Project, infra_calls: list[str]) -> None:
-    from pipelines.release.promote import champion_history, promote
+    from pipelines.release.champion_ledger import champion_history
+    from pipelines.release.promote import promote
 
     promote(no_champion, "challenger", "first release")
     before = version_tags(no_champion, "1")
@@ -237,7 +240,8 @@ def test_promoting_the_champion_again_changes_nothing(no_champion: Project, infr
 
 
 def test_failed_gate_is_refused_then_forced_and_recorded(no_champion: Project, infra_calls: list[str]) -> None:
-    from pipelines.release.promote import champion_history, promote
+    from pipelines.release.champion_ledger import champion_history
+    from pipelines.release.promote import promote
 
     promote(no_champion, "1", "baseline")
     with pytest.raises(PromotionError, match="gate failed"):
@@ -257,7 +261,8 @@ def test_failed_gate_is_refused_then_forced_and_recorded(no_champion: Project, i
 
 
 def test_a_version_that_never_passed_infra_validation_cannot_become_champion(no_champion: Project) -> None:
-    from pipelines.release.promote import champion_history, set_champion
+    from pipelines.release.champion_ledger import champion_history
+    from pipelines.release.promote import set_champion
 
     with pytest.raises(PromotionError, match=r"version 3 has not passed infra validation \(never validated\)"):
         set_champion(no_champion, "3", "the validation task was marked successful by hand")
@@ -272,7 +277,8 @@ def test_failed_infra_validation_leaves_the_champion_unchanged(
     no_champion: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import pipelines.release.promote as promote_module
-    from pipelines.release.promote import champion_history, promote, set_champion
+    from pipelines.release.champion_ledger import champion_history
+    from pipelines.release.promote import promote, set_champion
 
     set_champion(no_champion, "1", "baseline")
 
@@ -301,7 +307,8 @@ def test_empty_reason_is_refused(no_champion: Project, infra_calls: list[str]) -
 
 
 def test_rollback_restores_the_previous_champion(no_champion: Project, infra_calls: list[str]) -> None:
-    from pipelines.release.promote import champion_history, promote, rollback
+    from pipelines.release.champion_ledger import champion_history
+    from pipelines.release.promote import promote, rollback
 
     promote(no_champion, "1", "first")
     promote(no_champion, "2", "second")
@@ -322,7 +329,8 @@ def test_rollback_restores_the_previous_champion(no_champion: Project, infra_cal
 def test_champion_at_returns_the_entry_serving_then(no_champion: Project) -> None:
     import time
 
-    from pipelines.release.promote import champion_at, champion_history, set_champion
+    from pipelines.release.champion_ledger import champion_at, champion_history
+    from pipelines.release.promote import set_champion
 
     set_champion(no_champion, "1", "first")
     time.sleep(1.1)  # history times have one-second resolution
@@ -337,7 +345,8 @@ def test_champion_at_returns_the_entry_serving_then(no_champion: Project) -> Non
 
 
 def test_concurrent_promotions_keep_one_champion_and_a_consistent_history(no_champion: Project) -> None:
-    from pipelines.release.promote import champion_history, set_champion
+    from pipelines.release.champion_ledger import champion_history
+    from pipelines.release.promote import set_champion
 
     client = client_for(no_champion)
     for round_number in range(3):
@@ -389,7 +398,9 @@ def test_promotions_from_two_hosts_keep_one_champion_and_a_complete_ordered_hist
     import sys
     import time
 
-    from pipelines.release.promote import INFRA_TAG, champion_history, set_champion
+    from pipelines.release.champion_ledger import champion_history
+    from pipelines.release.infra_check import INFRA_TAG
+    from pipelines.release.promote import set_champion
     from pipelines.tracking import tracking_uri
 
     client_for(no_champion).set_model_version_tag(MODEL, "3", INFRA_TAG, "passed (fixture)")
@@ -426,7 +437,8 @@ def test_promotions_from_two_hosts_keep_one_champion_and_a_complete_ordered_hist
 def test_rollback_to_a_version_deleted_by_hand_fails_clearly(no_champion: Project) -> None:
     import mlflow
 
-    from pipelines.release.promote import INFRA_TAG, resolve_version, set_champion
+    from pipelines.release.infra_check import INFRA_TAG
+    from pipelines.release.promote import resolve_version, set_champion
 
     client = client_for(no_champion)
     run_id = client.get_model_version(MODEL, "1").run_id
@@ -445,7 +457,7 @@ def test_rollback_to_a_version_deleted_by_hand_fails_clearly(no_champion: Projec
 
 
 def test_infra_validate_loads_and_predicts_in_a_fresh_process(no_champion: Project) -> None:
-    from pipelines.release.promote import InfraReport, infra_validate
+    from pipelines.release.infra_check import InfraReport, infra_validate
 
     report = infra_validate(no_champion, "1")
     assert isinstance(report, InfraReport), f"a report comes back: {report!r}"
@@ -460,7 +472,7 @@ def test_infra_validate_refuses_a_latency_over_budget(
     registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The subprocess reads ``<root>/params.yaml``: a second root holds a tiny budget and links the data."""
-    from pipelines.release.promote import infra_validate
+    from pipelines.release.infra_check import infra_validate
     from pipelines.tracking import tracking_uri
 
     project = registry.project
