@@ -10,12 +10,13 @@ PYTHON_VERSION := 3.11
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help setup run ui test test-faults lint typecheck pytest bench clean
+.PHONY: help setup run ui serve test test-faults lint typecheck pytest bench clean
 
 help:
 	@echo "make run    - run the pipeline on the built-in sample (sets itself up)"
 	@echo "make test   - ruff, mypy, then pytest (sets itself up)"
 	@echo "make ui     - Airflow UI and MLflow UI on 127.0.0.1 over the same stores"
+	@echo "make serve  - the prediction service on 127.0.0.1:8000, serving the champion (mlops predict FILE...)"
 	@echo "make bench  - benchmarks (ratios against plain baselines), written to benchmarks/results.md"
 	@echo "make test-faults - the slow fault-injection tests"
 
@@ -24,7 +25,7 @@ $(UV):
 	.tools/uv/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
 
 $(VENV)/.synced: $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen --python $(PYTHON_VERSION)
+	$(UV) sync --frozen --compile-bytecode --python $(PYTHON_VERSION)
 	touch $@
 
 setup: $(VENV)/.synced
@@ -35,6 +36,9 @@ run: setup
 ui: setup
 	$(BIN)/python -m pipelines.platform.local_airflow ui
 
+serve: setup
+	$(BIN)/python -m pipelines.cli serve
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -43,7 +47,7 @@ typecheck: setup
 	$(BIN)/mypy
 
 pytest: setup
-	$(BIN)/pytest -m "not faults"
+	$(BIN)/pytest -m "not faults" --durations=15
 
 # Slow fault-injection tests (Airflow services, MLflow outage, interrupted DVC push); CI runs them too.
 test-faults: setup

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import threading
@@ -76,6 +77,25 @@ def _epoch_seconds(progress_file: Path) -> list[float]:
     return [float(json.loads(line)["seconds"]) for line in lines if line.strip()]
 
 
+def _optimizer(train_cfg: dict[str, Any], steps_per_epoch: int) -> Any:
+    """The pipeline's optimizer (``pipelines.training.train._optimizer``), written out plainly.
+
+    ``train.optimizer`` (Adam by default) over a cosine decay of ``train.learning_rate`` to 0 across all
+    ``train.epochs * steps_per_epoch`` steps of the run, from tf-keras.
+    """
+    import tf_keras
+
+    rate = tf_keras.optimizers.schedules.CosineDecay(
+        float(train_cfg["learning_rate"]), decay_steps=int(train_cfg["epochs"]) * steps_per_epoch
+    )
+    name = str(train_cfg.get("optimizer", "adam"))
+    if name == "sgd":
+        return tf_keras.optimizers.SGD(rate, momentum=float(train_cfg.get("momentum", 0.9)))
+    if name == "adagrad":
+        return tf_keras.optimizers.Adagrad(rate)
+    return tf_keras.optimizers.Adam(rate)
+
+
 def train_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     """The pipeline's training step on the project of ``--params``, as ``train`` runs it."""
     cpus = _cpus()
@@ -117,15 +137,19 @@ def train_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _decode_all(paths: tuple[str, ...], channels: int) -> Any:
-    """Decode PNG files to float32 in [0, 1], shape (N, H, W, C), as ``pipelines.training.inputs.load_arrays`` does."""
+def _decode_all(files: Any, channels: int) -> Any:
+    """A split's PNGs as float32 in [0, 1], shape (N, H, W, C), as ``pipelines.training.inputs.load_arrays`` does."""
+    import io
+
     import numpy as np
     from PIL import Image
 
+    from pipelines.training.inputs import read_images
+
     mode = "L" if channels == 1 else "RGB"
     images = []
-    for path in paths:
-        with Image.open(path) as image:
+    for png in read_images(files)[0]:
+        with Image.open(io.BytesIO(png), formats=["PNG"]) as image:
             images.append(np.asarray(image.convert(mode), dtype=np.float32) / 255.0)
     stacked = np.stack(images)
     return stacked[..., np.newaxis] if stacked.ndim == 3 else stacked
@@ -165,12 +189,13 @@ def train_baseline(args: argparse.Namespace) -> dict[str, Any]:
 
     tf_keras.utils.set_random_seed(config.train.seed)
     files = split_files(project, "train", include_augmented=config.train.use_augmented)
-    x = _decode_all(files.paths, config.dataset.channels)
+    x = _decode_all(files, config.dataset.channels)
     y = np.asarray(files.labels, dtype=np.int64)
     global_batch = config.train.per_replica_batch_size  # one replica, as in the pipeline's single process
     model = build_model(config.train.architecture, input_shape(project), len(config.dataset.classes))
+    steps_per_epoch = math.ceil(len(x) / global_batch)
     model.compile(
-        optimizer=tf_keras.optimizers.Adam(config.train.learning_rate),
+        optimizer=_optimizer(config.train.model_dump(), steps_per_epoch),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
@@ -244,15 +269,16 @@ def plain_retrain(args: argparse.Namespace) -> dict[str, Any]:
 
     tf_keras.utils.set_random_seed(train_cfg["seed"])
     model = build_model(train_cfg["architecture"], (height, width, int(dataset["channels"])), len(dataset["classes"]))
+    batch = int(train_cfg["per_replica_batch_size"])
     model.compile(
-        optimizer=tf_keras.optimizers.Adam(train_cfg["learning_rate"]),
+        optimizer=_optimizer(train_cfg, math.ceil(len(train_x) / batch)),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
     history = model.fit(
         train_x,
         train_y,
-        batch_size=train_cfg["per_replica_batch_size"],
+        batch_size=batch,
         epochs=train_cfg["epochs"],
         validation_data=(x[val_idx], y[val_idx]),
         verbose=2,

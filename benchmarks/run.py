@@ -1,6 +1,10 @@
 """Run the benchmarks: ``python -m benchmarks.run [--only NAME[,NAME]] [--quick] [--keep]`` from the repo root.
 
-Names: ``training``, ``e2e``, ``parse``, ``scaling``, ``ingest``, ``gpu`` (default: all, in that order).
+Names: ``training``, ``quality``, ``peer``, ``make_run``, ``scheduled``, ``parse``, ``scaling``, ``ingest``,
+``data_half``, ``gpu``, ``serving`` (default: all, in that order). ``quality`` trains the defaults against
+alternatives (test and validation accuracy, determinism). ``data_half`` is the data half at scale: ingest + validate +
+version of 100,000 generated 32x32 PNGs through ``python -m pipelines.cli`` (target < 120 s, peak memory < 2 GiB),
+then augment and one retrain epoch on that data in their own rows (``--quick``: 2,000 images).
 Each works in its own folder under one temporary directory, with ``MLFLOW_TRACKING_URI`` (and
 ``TF_CONFIG``, ``AIRFLOW_HOME``, ``MLOPS_PARAMS``) unset, so every store is that folder's. Progress goes
 to stderr; the Markdown table goes to stdout and ``benchmarks/results.md``; everything measured, with
@@ -33,23 +37,45 @@ PACKAGES = ("tensorflow", "tf-keras", "apache-airflow", "mlflow", "dvc", "great-
 
 
 def _benchmarks() -> dict[str, tuple[Callable[[Context], Outcome], str]]:
-    from benchmarks.e2e import bench_e2e
+    from benchmarks.data_half import bench_data_half
+    from benchmarks.e2e import bench_scheduled
     from benchmarks.gpu import bench_gpu
     from benchmarks.ingestion import bench_ingest
+    from benchmarks.make_run import bench_make_run
     from benchmarks.parsing import bench_parse
+    from benchmarks.peer import bench_peer
+    from benchmarks.quality import bench_quality
+    from benchmarks.serving import bench_serving
     from benchmarks.training import bench_scaling, bench_training
 
     return {
         "training": (bench_training, "training throughput: pipeline train() vs plain model.fit"),
-        "e2e": (bench_e2e, "end-to-end retrain through Airflow vs a plain script"),
+        "peer": (bench_peer, "the TFX peer: its environment (built once) and one whole-process run"),
+        "make_run": (bench_make_run, "warm make run vs the TFX peer and a plain script; promote; per-step breakdown"),
+        "scheduled": (bench_scheduled, "retrain and promote through airflow standalone and the REST API"),
         "parse": (bench_parse, "parse time of each DAG file"),
         "scaling": (bench_scaling, "one local worker vs two"),
         "ingest": (bench_ingest, "ingest / validate / version speed on generated PNGs, ingest profile"),
+        "quality": (bench_quality, "test accuracy of the training defaults against alternatives, determinism"),
+        "data_half": (bench_data_half, "ingest + validate + version of 100k PNGs via the CLI; augment; an epoch"),
         "gpu": (bench_gpu, "GPU utilisation during training"),
+        "serving": (bench_serving, "prediction service vs mlflow models serve, swaps under load, memory"),
     }
 
 
-NAMES = ("training", "e2e", "parse", "scaling", "ingest", "gpu")
+NAMES = (
+    "training",
+    "quality",
+    "peer",
+    "make_run",
+    "scheduled",
+    "parse",
+    "scaling",
+    "ingest",
+    "data_half",
+    "gpu",
+    "serving",
+)
 
 
 def machine_info() -> dict[str, Any]:

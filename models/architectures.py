@@ -23,17 +23,22 @@ def _keras() -> Any:
 
 
 def small_cnn(input_shape: tuple[int, int, int], num_classes: int) -> Any:
-    """A compact CNN for small grayscale images such as the digits sample (about 60k parameters)."""
+    """A compact CNN for small grayscale images such as the 8x8 digits sample (about 150k parameters).
+
+    Two 3x3 convolutions at full resolution, one max-pooling down to a 4x4 grid (so the parameter count does
+    not grow with the image), then a dense layer on the flattened grid. Chosen by measurement on the sample
+    (README, "Training"): a global-average-pooled variant lost 5 points at 8x8, BatchNorm was unstable at
+    this batch size, dropout bought nothing.
+    """
     keras = _keras()
     layers = keras.layers
+    height, width = input_shape[0], input_shape[1]
     inputs = keras.Input(shape=input_shape, name="image")
     x = layers.Conv2D(32, 3, padding="same", activation="relu")(inputs)
-    x = layers.MaxPooling2D()(x)
     x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
-    x = layers.MaxPooling2D()(x)
-    x = layers.Conv2D(64, 3, padding="same", activation="relu")(x)
-    x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dropout(0.2)(x)
+    x = layers.MaxPooling2D(pool_size=(max(1, height // 4), max(1, width // 4)))(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(128, activation="relu")(x)
     x = layers.Dense(num_classes, name="logits")(x)
     outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="small_cnn")

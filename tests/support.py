@@ -75,9 +75,16 @@ def class_image(label_index: int, variant: int, size: int = 8) -> np.ndarray:
     return pixels
 
 
-def write_tiny_dataset(project: Project, per_class_per_split: int = 3) -> list[ManifestRow]:
-    """Write images and a manifest straight into ``data/<name>/`` (no ingest), splits assigned in turn."""
+def write_tiny_dataset(project: Project, per_class_per_split: int = 3, packed: bool = False) -> list[ManifestRow]:
+    """Write images and a manifest straight into ``data/<name>/`` (no ingest), splits assigned in turn.
+
+    The images are loose files (``images/<label>/<sha16>.png``, the layout of versions before packs), or,
+    with ``packed``, the members of ``images.zip`` as ingest writes them.
+    """
+    from pipelines.data.packs import pack_path, write_pack
+
     rows: list[ManifestRow] = []
+    members: list[tuple[str, bytes]] = []
     size = project.config.dataset.image_size[0]
     for label_index, label in enumerate(project.config.dataset.classes):
         for split_index, split in enumerate(("train", "val", "test")):
@@ -86,12 +93,32 @@ def write_tiny_dataset(project: Project, per_class_per_split: int = 3) -> list[M
                 data = png_bytes(pixels)
                 digest = hashlib.sha256(data).hexdigest()
                 relative = f"images/{label}/{digest[:16]}.png"
-                target = project.dataset_dir / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
+                if packed:
+                    members.append((relative, data))
+                else:
+                    target = project.dataset_dir / relative
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(data)
                 rows.append(ManifestRow(relative, label, split, size, size, 1, len(data), digest))
+    if packed:
+        project.dataset_dir.mkdir(parents=True, exist_ok=True)
+        write_pack(pack_path(project.dataset_dir, "images"), members)
     write_manifest(project.manifest_path, rows)
     return rows
+
+
+def read_image(project: Project, path: str) -> bytes:
+    """The bytes of the dataset image at manifest path ``path``, from its pack or loose file (the pipeline's reader)."""
+    from pipelines.data.packs import DatasetReader
+
+    with DatasetReader(project.dataset_dir) as reader:
+        return reader.read(path, project.config.ingest.max_file_bytes)
+
+
+def image_pixels(project: Project, path: str) -> np.ndarray:
+    """The decoded pixels (uint8) of the dataset image at manifest path ``path``."""
+    with Image.open(io.BytesIO(read_image(project, path))) as image:
+        return np.asarray(image).copy()
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -112,8 +139,13 @@ def make_source(root: Path, classes: tuple[str, ...] = ("a", "b", "c"), per_clas
     return root
 
 
-def versioned_project(root: Path, overrides: dict[str, dict[str, Any]] | None = None, per_split: int = 8) -> Project:
-    """A project with a tiny dataset, augmented and versioned with DVC, ready to train."""
+def versioned_project(
+    root: Path, overrides: dict[str, dict[str, Any]] | None = None, per_split: int = 8, packed: bool = False
+) -> Project:
+    """A project with a tiny dataset, augmented and versioned with DVC, ready to train.
+
+    The original images are loose files (a version from before packs) or, with ``packed``, ``images.zip``.
+    """
     from pipelines.data.augment import augment_dataset
     from pipelines.data.versioning import version_data
 
@@ -122,7 +154,7 @@ def versioned_project(root: Path, overrides: dict[str, dict[str, Any]] | None = 
     for section, values in (overrides or {}).items():
         merged.setdefault(section, {}).update(values)
     project = Project.load(write_params(root, merged))
-    write_tiny_dataset(project, per_class_per_split=per_split)
+    write_tiny_dataset(project, per_class_per_split=per_split, packed=packed)
     augment_dataset(project)
     version_data(project, source="tiny")
     return project
@@ -230,3 +262,146 @@ class Api:
             time.sleep(5)
         instances = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
         return state, {item["task_id"]: item for item in instances}
+
+
+# ------------------------------------------------------------------------------------ hostile input
+
+
+def protected_state(project: Project) -> dict[str, str]:
+    """sha256 of everything a refused or failed step must leave as it was, keyed by path under the root.
+
+    The versioned data (``data/``), ``data.dvc``, the version log and the local MLflow store (registry).
+    """
+    state: dict[str, str] = {}
+    for top in (
+        project.data_dir,
+        project.root / "data.dvc",
+        project.path(project.config.version.log),
+        project.mlflow_dir,
+    ):
+        files = [top] if top.is_file() else sorted(path for path in top.rglob("*") if path.is_file())
+        for path in files:
+            state[str(path.relative_to(project.root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def staging_leftovers(project: Project) -> list[str]:
+    """Whatever is left under ``artifacts/staging`` and hidden inside the dataset folder."""
+    left = sorted(str(path) for path in project.staging_dir.rglob("*")) if project.staging_dir.exists() else []
+    if project.dataset_dir.exists():
+        left += sorted(str(path) for path in project.dataset_dir.iterdir() if path.name.startswith("."))
+    return left
+
+
+def run_mlops(project: Project, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run ``mlops --params <project> ARGS`` in a fresh process (killed after ``timeout`` seconds)."""
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "--params", str(project.params_path), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+_KILLED_RUN = """
+import os, signal, sys
+from pipelines.cli import main
+from pipelines.data.staging import StagingArea
+
+from pipelines.data.packs import PackWriter
+
+after_writes, after_replace_to = int(sys.argv[1]), sys.argv[2]
+real_write, real_add, real_replace, writes = StagingArea.write, PackWriter.add, os.replace, [0]
+
+def counted():
+    writes[0] += 1
+    if after_writes and writes[0] > after_writes:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def write(self, path, data):
+    counted()
+    real_write(self, path, data)
+
+def add(self, name, data):
+    counted()
+    real_add(self, name, data)
+
+def replace(source, target, **options):
+    real_replace(source, target, **options)
+    if after_replace_to and os.fspath(target).endswith(after_replace_to):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+StagingArea.write, PackWriter.add, os.replace = write, add, replace
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def run_mlops_killed(
+    project: Project, *args: str, after_writes: int = 0, after_replace_to: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """Run ``mlops ARGS`` in a fresh process that SIGKILLs itself mid-run.
+
+    ``after_writes``: once that many staged files or pack members are written; ``after_replace_to``: right
+    after a rename onto a path ending so (in the middle of publishing the staged output).
+    """
+    import sys
+
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _KILLED_RUN,
+            str(after_writes),
+            after_replace_to,
+            "--params",
+            str(project.params_path),
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def manifest_matches_files(dataset_dir: Path, manifest: Path) -> list[str]:
+    """Differences between a manifest and the images it lists (empty when every row matches its image).
+
+    Images are read through the pipeline's reader (the pack, or the loose files when there is none); an image
+    of the pack, or a file of the folder, that the manifest does not list is a difference too.
+    """
+    from pipelines.data.manifest import read_manifest
+    from pipelines.data.packs import DatasetReader, DatasetReadError
+
+    problems = []
+    rows = read_manifest(manifest)
+    with DatasetReader(dataset_dir) as reader:
+        for row in rows:
+            try:
+                data = reader.read(row.path, 1 << 30)
+            except DatasetReadError as error:
+                problems.append(f"{row.path}: listed, cannot be read ({error.reason})")
+                continue
+            if hashlib.sha256(data).hexdigest() != row.sha256:
+                problems.append(f"{row.path}: sha256 differs from the manifest")
+        listed = {row.path for row in rows}
+        kind = rows[0].path.split("/")[0] if rows else ""
+        folder = dataset_dir / kind
+        try:
+            members = reader.members(kind)
+        except DatasetReadError as error:
+            problems.append(f"{error}")
+            members = []
+        if members is not None:
+            present = members
+        elif rows and folder.is_dir():
+            present = [path.relative_to(dataset_dir).as_posix() for path in folder.rglob("*") if path.is_file()]
+        else:
+            present = []
+    problems.extend(f"{name}: image not in the manifest" for name in sorted(set(present) - listed))
+    return problems

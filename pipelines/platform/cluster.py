@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import IO
 
 from pipelines.errors import PipelineError
-from pipelines.platform.local_airflow import DAGS_FOLDER
+from pipelines.platform.airflow_home import DAGS_FOLDER
+from pipelines.tracking import redact
 
 BIN = Path(sys.executable).parent
 
@@ -90,13 +91,15 @@ def cluster_env(settings: ClusterSettings) -> dict[str, str]:
             "AIRFLOW__API__PORT": str(settings.api_port),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{settings.api_port}/execution/",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
             "MLOPS_PARAMS": str(settings.params_path),
             "MLOPS_TRAIN_QUEUE": settings.train_queue if settings.executor == "CeleryExecutor" else "default",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "PYTHONWARNINGS": "ignore",
         }
     )
+    from pipelines.platform.airflow_home import SCHEDULER_TUNING
+
+    env.update({key: os.environ.get(key, value) for key, value in SCHEDULER_TUNING.items()})
     env.update(settings.extra_env)
     return env
 
@@ -143,7 +146,7 @@ def initialise(settings: ClusterSettings) -> None:
     for args in (["db", "migrate"], ["pools", "set", "dvc", "1", "DVC workspace: one writer at a time"]):
         completed = subprocess.run([str(BIN / "airflow"), *args], env=env, capture_output=True, text=True, check=False)
         if completed.returncode != 0:
-            raise ClusterError(f"airflow {' '.join(args)} failed: {completed.stderr.strip()[-2000:]}")
+            raise ClusterError(redact(f"airflow {' '.join(args)} failed: {completed.stderr.strip()[-2000:]}"))
 
 
 def start(settings: ClusterSettings) -> Cluster:
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         initialise(settings)
         cluster = start(settings)
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(redact(f"error: {error}"), file=sys.stderr)
         return 1
     print(f"Airflow (CeleryExecutor) up: API {cluster.api_url}; logs in {settings.airflow_home / 'logs' / 'services'}")
     print(f"services: {', '.join(cluster.processes)}; train tasks go to queue {settings.train_queue!r}")
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except ClusterError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(redact(f"error: {error}"), file=sys.stderr)
         return 1
     finally:
         cluster.stop()

@@ -7,7 +7,8 @@ this process, so TensorFlow, MLflow and Great Expectations are imported once for
 ``airflow`` command. It prepares the database in-process (migrated only when not at Airflow's head
 revision), creates the one-slot ``dvc`` pool, prints one line per task and a summary. Task output goes to a
 log file per DAG run. ``... dag DAG_ID --conf JSON`` runs one DAG the same way (what the end-to-end tests
-and benchmarks call), and ``... ui`` starts ``airflow standalone`` and the MLflow UI over the same stores.
+and benchmarks call; :func:`dags_test` runs it in a child process). The Airflow home itself (environment,
+database, ``... prepare``, ``... ui``) is :mod:`pipelines.platform.airflow_home`.
 """
 
 from __future__ import annotations
@@ -27,53 +28,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipelines.project import DVC_POOL, Project
+from pipelines.platform.airflow_home import DAGS_FOLDER, prepare_database, start_ui, use_airflow_env
+from pipelines.project import Project
 
-DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"
-AIRFLOW_PORT = 8080
-MLFLOW_PORT = 5000
 RESULT_SUFFIX = ".result.json"
-
-
-def airflow_env(root: Path) -> dict[str, str]:
-    """The environment of every Airflow run of this project (Airflow home, DAG folder, SQLite, tuning)."""
-    home = root / "airflow_home"
-    bin_dir = str(Path(sys.executable).parent)
-    env = dict(os.environ)
-    env.update(
-        {
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__EXECUTOR": env.get("AIRFLOW__CORE__EXECUTOR", "LocalExecutor"),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": env.get(
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow.db'}"
-            ),
-            "AIRFLOW__API__HOST": env.get("AIRFLOW__API__HOST", "127.0.0.1"),
-            "AIRFLOW__API__PORT": env.get("AIRFLOW__API__PORT", str(AIRFLOW_PORT)),
-            "MLOPS_PARAMS": str(root / "params.yaml"),
-            "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-            "PYTHONWARNINGS": env.get("PYTHONWARNINGS", "ignore"),
-        }
-    )
-    env.update({key: env.get(key, value) for key, value in SCHEDULER_TUNING.items()})
-    port = env["AIRFLOW__API__PORT"]
-    env.setdefault("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", f"http://127.0.0.1:{port}/execution/")
-    return env
-
-
-SCHEDULER_TUNING = {
-    # The scheduler sleeps this long after a loop with nothing to do: with the default 1 s most of the gap
-    # between one task's end and the next one's start is this sleep (0.25 s costs ~1% of a core when idle).
-    "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
-    # Two DAG files that change only when the code does: re-parse them every 2 minutes, not every 30 s,
-    # with one parser process, so parsing does not compete with tasks for the two cores.
-    "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "120",
-    "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
-    # Two cores: more parallel task processes only make each slower.
-    "AIRFLOW__CORE__PARALLELISM": "4",
-}
-"""Settings for the scheduled path (``make ui``, the cluster); ``DAG.test`` runs do not use a scheduler."""
 
 
 # ------------------------------------------------------------------------------------- in this process
@@ -87,6 +45,8 @@ class TaskOutcome:
     state: str
     seconds: float | None
     try_number: int
+    map_index: int = -1
+    """The instance's index when the task is mapped (a sweep's ``train``), -1 otherwise."""
 
 
 @dataclass(frozen=True)
@@ -104,39 +64,6 @@ class DagOutcome:
     def succeeded(self) -> bool:
         """Whether the run ended in ``success``."""
         return self.state == "success"
-
-
-def use_airflow_env(root: Path) -> None:
-    """Point this process at the project's Airflow home; must happen before Airflow is first imported."""
-    if "airflow" in sys.modules and os.environ.get("AIRFLOW_HOME") != str(root / "airflow_home"):
-        raise RuntimeError("Airflow was imported before the project's Airflow home was set")
-    os.environ.update(airflow_env(root))
-    Path(os.environ["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-
-
-def prepare_database() -> None:
-    """Migrate the metadata database unless it is at Airflow's head revision; create the ``dvc`` pool."""
-    from airflow import settings
-    from airflow.models.pool import Pool
-    from airflow.utils import db as airflow_db
-    from airflow.utils.session import create_session
-    from alembic.migration import MigrationContext
-
-    engine = settings.engine
-    if engine is None:
-        raise RuntimeError("Airflow's metadata database engine is not configured")
-    with engine.connect() as connection:
-        current = set(MigrationContext.configure(connection).get_current_heads())
-    if current != set(airflow_db._get_script_object().get_heads()):
-        airflow_db.upgradedb()
-    with create_session() as session:
-        Pool.create_or_update_pool(
-            DVC_POOL,
-            slots=1,
-            description="DVC workspace: one writer at a time",
-            include_deferred=False,
-            session=session,
-        )
 
 
 def _warm_execution_api() -> None:
@@ -191,14 +118,47 @@ def run_dag(dag: Any, log: Path, conf: dict[str, Any] | None = None, *, echo: bo
         dag_run = dag.test(run_conf=conf)
     seconds = time.monotonic() - started
     instances = sorted(dag_run.get_task_instances(), key=lambda ti: (ti.start_date is None, ti.start_date))
-    tasks = [TaskOutcome(ti.task_id, str(ti.state), ti.duration, int(ti.try_number or 0)) for ti in instances]
+    tasks = [
+        TaskOutcome(ti.task_id, str(ti.state), ti.duration, int(ti.try_number or 0), int(ti.map_index))
+        for ti in instances
+    ]
     outcome = DagOutcome(dag.dag_id, str(dag_run.run_id), str(dag_run.state), seconds, tasks, str(log))
     if echo:
         for task in tasks:
             took = f"{task.seconds:6.1f} s" if task.seconds is not None else "      -"
-            print(f"[{dag.dag_id}]   {task.task_id:<16} {task.state:<16} {took}")
+            name = task.task_id if task.map_index < 0 else f"{task.task_id}[{task.map_index}]"
+            print(f"[{dag.dag_id}]   {name:<16} {task.state:<16} {took}")
         print(f"[{dag.dag_id}] run {outcome.run_id}: {outcome.state} in {seconds:.0f} s", flush=True)
     return outcome
+
+
+PRELOADED_MODULES = (
+    "great_expectations",
+    "tensorflow",
+    "tf_keras",
+    "mlflow.pyfunc",
+    "sklearn.metrics",
+    "matplotlib.pyplot",
+)
+"""What the train and evaluate tasks import (Great Expectations is left out: loading it beside ingest slowed both)."""
+
+
+def _preload_in_background(modules: tuple[str, ...]) -> None:
+    """Import ``modules`` in a daemon thread while the first tasks run.
+
+    The tasks run in this process, and much of the data steps' time is spent outside the interpreter (DVC
+    subprocesses, Pillow's codecs), so the imports that the validate, train and evaluate tasks would pay for
+    happen meanwhile. A task that imports a module still being loaded waits for it (Python's import lock).
+    """
+    import importlib
+    import threading
+
+    def load() -> None:
+        for name in modules:
+            with contextlib.suppress(Exception):  # the task that needs it reports the real error
+                importlib.import_module(name)
+
+    threading.Thread(target=load, name="preload-imports", daemon=True).start()
 
 
 def run_pipeline(project: Project, *, force: bool = False) -> int:
@@ -207,15 +167,19 @@ def run_pipeline(project: Project, *, force: bool = False) -> int:
     root = project.root
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     print(f"Airflow home {root / 'airflow_home'} (SQLite); preparing the metadata database", flush=True)
+    from pipelines.release.infra_check import start_clean_checker
+
+    # The promote DAG's clean-process check of the new version runs in this process's child: started now,
+    # its imports (MLflow, TensorFlow) overlap the retrain on the other core; it loads no model until asked.
+    start_clean_checker(project)
     use_airflow_env(root)
-    prepare_database()
-    dags = load_dags()
-    _warm_execution_api()
-    retrain = run_dag(
-        dags["retrain"],
-        project.logs_dir / f"retrain-{stamp}.log",
-        {"source": project.config.ingest.source, "force": force},
-    )
+    retrain_log = project.logs_dir / f"retrain-{stamp}.log"
+    with _output_to(retrain_log):  # Airflow's start-up chatter goes with the run's log, not to the terminal
+        prepare_database()
+        dags = load_dags()
+        _warm_execution_api()
+    _preload_in_background(PRELOADED_MODULES)
+    retrain = run_dag(dags["retrain"], retrain_log, {"source": project.config.ingest.source, "force": force})
     if not retrain.succeeded:
         print("retrain did not succeed: see the task states above and the log; the champion is unchanged")
     promote = run_dag(
@@ -268,8 +232,9 @@ def _last_train(project: Project) -> dict[str, Any]:
 def run_one(project: Project, dag_id: str, conf: dict[str, Any] | None, log: Path) -> int:
     """Run one DAG in this process and write its outcome next to ``log`` (``<log>.result.json``)."""
     use_airflow_env(project.root)
-    prepare_database()
-    dags = load_dags()
+    with _output_to(log):
+        prepare_database()
+        dags = load_dags()
     if dag_id not in dags:
         print(f"error: no DAG {dag_id!r} in {DAGS_FOLDER} (found {sorted(dags)})", file=sys.stderr)
         return 1
@@ -280,15 +245,6 @@ def run_one(project: Project, dag_id: str, conf: dict[str, Any] | None, log: Pat
 
 
 # ------------------------------------------------------------------------------- from another process
-
-
-def prepare(root: Path) -> dict[str, str]:
-    """Create the Airflow home, migrate its database and create the ``dvc`` pool (in a child process)."""
-    env = airflow_env(root)
-    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pipelines.platform.local_airflow", "prepare", "--params", env["MLOPS_PARAMS"]]
-    subprocess.run(command, env=env, check=True, capture_output=True, text=True)
-    return env
 
 
 def dags_test(env: dict[str, str], dag_id: str, log: Path, conf: dict[str, Any] | None = None) -> tuple[bool, str]:
@@ -314,47 +270,15 @@ _OUTCOMES: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 def task_states(env: dict[str, str], dag_id: str, run_id: str) -> list[tuple[str, str]]:
-    """(task id, state) of every task instance of a run that :func:`dags_test` ran."""
+    """(task id, state) of every task instance of a run that :func:`dags_test` ran (``train[1]`` when mapped)."""
     outcome = _OUTCOMES.get((dag_id, run_id), {"tasks": []})
-    return [(str(task["task_id"]), str(task["state"])) for task in outcome["tasks"]]
-
-
-def start_ui(project: Project) -> int:
-    """Start ``airflow standalone`` and ``mlflow ui`` on 127.0.0.1 and print where they are."""
-    from pipelines.tracking import tracking_uri
-
-    env = prepare(project.root)
-    bin_dir = Path(sys.executable).parent
-    project.logs_dir.mkdir(parents=True, exist_ok=True)
-    mlflow_log = (project.logs_dir / "mlflow-ui.log").open("a")
-    airflow_log = (project.logs_dir / "airflow-standalone.log").open("a")
-    mlflow_server = subprocess.Popen(
-        [str(bin_dir / "mlflow"), "ui", "--host", "127.0.0.1", "--port", str(MLFLOW_PORT),
-         "--backend-store-uri", tracking_uri(project)],
-        env=env, stdout=mlflow_log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    standalone = subprocess.Popen(
-        [str(bin_dir / "airflow"), "standalone"], env=env, stdout=airflow_log, stderr=subprocess.STDOUT
-    )
-    passwords = Path(env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
-    for _ in range(120):
-        if passwords.exists():
-            break
-        time.sleep(1)
-    login = passwords.read_text(encoding="utf-8").strip() if passwords.exists() else "(not generated yet)"
-    print(f"Airflow UI  http://127.0.0.1:{env['AIRFLOW__API__PORT']}  login (user: password): {login}")
-    print(f"MLflow UI   http://127.0.0.1:{MLFLOW_PORT}")
-    print("logs in artifacts/logs/; press Ctrl-C to stop both")
-    try:
-        standalone.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for process in (standalone, mlflow_server):
-            process.terminate()
-        for process in (standalone, mlflow_server):
-            process.wait(timeout=30)
-    return 0
+    return [
+        (
+            str(task["task_id"]) if task.get("map_index", -1) < 0 else f"{task['task_id']}[{task['map_index']}]",
+            str(task["state"]),
+        )
+        for task in outcome["tasks"]
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

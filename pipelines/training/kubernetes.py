@@ -304,7 +304,8 @@ def run_pod_worker(args: argparse.Namespace, environ: Mapping[str, str] | None =
     (a peer lost mid-epoch) propagate, exit 1 and count towards the Job's backoff limit.
     """
     from pipelines.project import Project
-    from pipelines.training.train import RESULT_FILE, job_dir_for, run_worker
+    from pipelines.training.chief_tracking import RESULT_FILE
+    from pipelines.training.train import job_dir_for, run_worker
 
     try:
         index = completion_index(os.environ if environ is None else environ, args.workers)

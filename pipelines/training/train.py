@@ -6,9 +6,10 @@ or in N local processes through :mod:`pipelines.training.launcher`. Each worker 
 :mod:`pipelines.training.strategy`); ``BackupAndRestore`` checkpoints every epoch into the job folder, so a worker
 group that is restarted resumes from its last completed epoch, and a finished job is never trained twice.
 
-Only the chief (worker 0) talks to MLflow: params, per-epoch metrics, dataset lineage, tags, the model
-(signature and input example), curves, confusion matrix and per-class table. Its result is written to
-``result.json`` in the job folder, which is what :func:`train` returns.
+Only the chief (worker 0) talks to MLflow, through :class:`~pipelines.training.chief_tracking.ChiefTracker`:
+params, per-epoch metrics, dataset lineage, tags, the model (signature and input example), curves, confusion
+matrix and per-class table. Its result is written to ``result.json`` in the job folder, which is what
+:func:`train` returns.
 """
 
 from __future__ import annotations
@@ -18,47 +19,22 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipelines.errors import PipelineError
 from pipelines.files import write_json_atomic
 from pipelines.project import Project
-
-if TYPE_CHECKING:
-    from pipelines.training.callbacks import ProgressLog
+from pipelines.training.chief_tracking import RESULT_ARTIFACT, RESULT_FILE, ChiefTracker, TrainResult
 
 JOB_FILE = "job.json"
-RESULT_FILE = "result.json"
-RUN_ID_FILE = "mlflow_run_id"
-RESULT_ARTIFACT = "training/result.json"
 
 
 class TrainingError(PipelineError):
     """Training could not start or did not finish."""
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What a finished training job produced: the MLflow run, its model and how it was trained."""
-
-    run_id: str
-    run_name: str
-    model_uri: str
-    data_version: str
-    strategy: str
-    replicas: int
-    global_batch_size: int
-    epochs: int
-    first_epoch_of_last_attempt: int
-    val_accuracy: float
-    samples_per_second: float
-    weights_checksum: float
-    job_dir: str
-    reused: bool = False
-    """True when an earlier run with the same data, code and parameters was returned instead of training."""
 
 
 def last_run_id(project: Project) -> str:
@@ -83,6 +59,7 @@ def train(
     job_id: str | None = None,
     max_restarts: int = 0,
     force: bool = False,
+    candidate: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train a candidate on ``data_version`` (default: the workspace's current version) and log it.
 
@@ -90,20 +67,31 @@ def train(
     Re-running a ``job_id`` whose training finished returns its result without training again;
     re-running one that was interrupted resumes from its last checkpoint. When a finished run has the same
     :func:`~pipelines.training.fingerprint.training_fingerprint` (data, code, parameters), it is returned
-    with ``reused=True`` and nothing is trained, unless ``force``.
+    with ``reused=True`` and nothing is trained, unless ``force``. A data version that is not in the version
+    log or not in the remote, or a ``data/`` that differs from ``data.dvc``, is refused first
+    (:func:`~pipelines.data.lineage.verify_lineage`).
+
+    ``candidate`` (one entry of :func:`pipelines.training.sweep.plan_sweep`) trains a sweep candidate: its
+    ``overrides`` change ``train`` settings, and its run is a child of the sweep's ``parent_run_id``.
     """
+    from pipelines.data.lineage import verify_lineage
     from pipelines.data.versioning import checkout_data, current_version
     from pipelines.training.fingerprint import training_fingerprint
     from pipelines.training.inputs import split_files
 
     if workers < 1:
         raise TrainingError(f"--workers must be at least 1, got {workers}")
+    candidate = dict(candidate or {})
+    overrides = dict(candidate.get("overrides") or {})
+    project = with_train_overrides(project, overrides)
     workspace_version = current_version(project)
     if data_version and data_version != workspace_version:
+        verify_lineage(project, data_version, check_workspace=False)  # refused before data/ is touched
         checkout_data(project, data_version)
         workspace_version = data_version
     if not workspace_version:
         raise TrainingError(f"{project.root / 'data.dvc'}: no data version yet (run `mlops version` first)")
+    verify_lineage(project, workspace_version)  # logged, in the remote, and exactly what data/ holds
     train_files = split_files(project, "train")
     if not train_files.paths:
         raise TrainingError(f"{project.manifest_path}: the manifest has no train rows")
@@ -128,7 +116,17 @@ def train(
     job_file = job_dir / JOB_FILE
     if not job_file.exists():
         run_name = f"{project.config.dataset.name}-{workspace_version[:8]}-{now:%Y%m%d-%H%M%S}"
-        spec = {"data_version": workspace_version, "run_name": run_name, "job_id": job_id, "fingerprint": fingerprint}
+        if overrides:
+            run_name += f"-{candidate.get('name', 'candidate')}"
+        spec = {
+            "data_version": workspace_version,
+            "run_name": run_name,
+            "job_id": job_id,
+            "fingerprint": fingerprint,
+            "train_overrides": overrides,
+            "candidate": candidate.get("name", ""),
+            "parent_run_id": candidate.get("parent_run_id") or "",
+        }
         write_json_atomic(job_file, spec)
 
     if workers == 1:
@@ -142,6 +140,18 @@ def train(
         raise TrainingError(f"{job_dir}: training ended without a result from the chief")
     write_json_atomic(project.last_train_path, asdict(result))
     return result
+
+
+def with_train_overrides(project: Project, overrides: Mapping[str, Any]) -> Project:
+    """``project`` with some ``train`` settings replaced (a sweep candidate's), validated like params.yaml."""
+    if not overrides:
+        return project
+    from pipelines.config import TrainConfig
+
+    settings = TrainConfig.model_validate_json(
+        json.dumps({**project.config.train.model_dump(mode="json"), **overrides})
+    )
+    return Project(project.root, project.config.model_copy(update={"train": settings}), project.params_file)
 
 
 def cached_result(project: Project, fingerprint: str) -> TrainResult | None:
@@ -175,6 +185,23 @@ def _read_result(job_dir: Path) -> TrainResult | None:
     return TrainResult(**json.loads(path.read_text(encoding="utf-8")))
 
 
+def _optimizer(settings: Any, steps_per_epoch: int) -> Any:
+    """The configured optimizer over a cosine decay of the learning rate to 0 across the whole run.
+
+    The schedule follows ``optimizer.iterations``, so a group resumed by BackupAndRestore continues it.
+    """
+    import tf_keras
+
+    rate = tf_keras.optimizers.schedules.CosineDecay(
+        settings.learning_rate, decay_steps=settings.epochs * steps_per_epoch
+    )
+    if settings.optimizer == "sgd":
+        return tf_keras.optimizers.SGD(rate, momentum=settings.momentum)
+    if settings.optimizer == "adagrad":
+        return tf_keras.optimizers.Adagrad(rate)
+    return tf_keras.optimizers.Adam(rate)
+
+
 def run_worker(project: Project, job_dir: Path) -> None:
     """Train as one worker of the cluster in ``$TF_CONFIG`` (or alone), resuming from ``job_dir``'s backup."""
     import tensorflow as tf
@@ -185,8 +212,9 @@ def run_worker(project: Project, job_dir: Path) -> None:
     from pipelines.training.inputs import input_shape, make_dataset, split_files
     from pipelines.training.strategy import build_strategy, current_plan
 
-    config = project.config
     spec = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+    project = with_train_overrides(project, spec.get("train_overrides") or {})
+    config = project.config
     plan = current_plan(config.train.mixed_precision)
     # Operators (and the fault-injection tests) find a worker's process here.
     (job_dir / f"worker-{plan.worker_index}.pid").write_text(f"{os.getpid()}\n", encoding="utf-8")
@@ -221,12 +249,12 @@ def run_worker(project: Project, job_dir: Path) -> None:
     with strategy.scope():
         model = build_model(config.train.architecture, input_shape(project), len(config.dataset.classes))
         model.compile(
-            optimizer=tf_keras.optimizers.Adam(config.train.learning_rate),
+            optimizer=_optimizer(config.train, steps_per_epoch),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )
 
-    tracker = _ChiefTracker(project, job_dir, spec, plan, replicas, global_batch) if plan.is_chief else None
+    tracker = ChiefTracker(project, job_dir, spec, plan, replicas, global_batch) if plan.is_chief else None
     progress = ProgressLog(job_dir / f"progress-worker-{plan.worker_index}.jsonl", global_batch * steps_per_epoch)
     callbacks: list[Any] = [tf_keras.callbacks.BackupAndRestore(str(job_dir / "backup")), progress]
     if tracker is not None:
@@ -254,122 +282,6 @@ def run_worker(project: Project, job_dir: Path) -> None:
     write_json_atomic(job_dir / f"worker-{plan.worker_index}.json", summary)
     if tracker is not None:
         tracker.finish(weights, checksum, progress)
-
-
-class _ChiefTracker:
-    """MLflow logging done by the chief only: run start or resume, per-epoch metrics, model, artifacts."""
-
-    def __init__(
-        self, project: Project, job_dir: Path, spec: dict[str, str], plan: Any, replicas: int, global_batch: int
-    ) -> None:
-        import mlflow
-
-        from pipelines.tracking import airflow_context_tags, connect, flatten, git_commit, with_retries
-
-        self.project, self.job_dir, self.spec, self.plan = project, job_dir, spec, plan
-        self.replicas, self.global_batch = replicas, global_batch
-        connect(project)
-        run_id_file = job_dir / RUN_ID_FILE
-        previous = run_id_file.read_text(encoding="utf-8").strip() if run_id_file.exists() else None
-        run = with_retries(
-            lambda: mlflow.start_run(run_id=previous) if previous else mlflow.start_run(run_name=spec["run_name"]),
-            "start the training run",
-        )
-        self.run_id = str(run.info.run_id)
-        if previous:
-            return
-        run_id_file.write_text(self.run_id + "\n", encoding="utf-8")
-        config = project.config
-        params = flatten("", config.model_dump(mode="json", by_alias=True))
-        params.update({"strategy": plan.kind, "replicas": str(replicas), "global_batch_size": str(global_batch)})
-        params["workers"] = str(plan.num_workers)
-        mlflow.log_params(params)
-        tags = {
-            "data_version": spec["data_version"],
-            "dataset": config.dataset.name,
-            "classes": ",".join(config.dataset.classes),
-            "git_commit": git_commit(project.root),
-            "training_job": spec["job_id"],
-        }
-        if spec.get("fingerprint"):
-            from pipelines.training.fingerprint import FINGERPRINT_TAG
-
-            tags[FINGERPRINT_TAG] = spec["fingerprint"]
-        tags.update(airflow_context_tags())
-        mlflow.set_tags(tags)
-        self._log_inputs()
-
-    def _log_inputs(self) -> None:
-        import mlflow
-        import pandas as pd
-        from mlflow.data.pandas_dataset import from_pandas
-
-        from pipelines.data.manifest import read_manifest
-
-        version = self.spec["data_version"]
-        rows = read_manifest(self.project.manifest_path)
-        source = str(self.project.data_dir)
-        for split in ("train", "val", "test"):
-            frame = pd.DataFrame([asdict(row) for row in rows if row.split == split])
-            dataset = from_pandas(
-                frame,
-                source=source,
-                targets="label",
-                name=f"{self.project.config.dataset.name}-{split}",
-                digest=version,
-            )
-            mlflow.log_input(dataset, context=split, tags={"data_version": version})
-
-    def finish(self, weights: list[Any], checksum: float, progress: ProgressLog) -> None:
-        import mlflow
-        import tensorflow as tf
-
-        from models.architectures import build_model
-        from pipelines.release.metrics import classification_metrics
-        from pipelines.training.inputs import input_shape, load_arrays
-        from pipelines.training.model_format import log_model
-        from pipelines.training.reports import log_classification_artifacts, log_training_curves
-
-        config = self.project.config
-        with tf.distribute.get_strategy().scope():
-            plain = build_model(config.train.architecture, input_shape(self.project), len(config.dataset.classes))
-        plain.set_weights(weights)
-        val_x, val_y = load_arrays(self.project, "val")
-        probabilities = plain.predict(val_x, batch_size=256, verbose=0)
-        val_metrics = classification_metrics(val_y, probabilities, config.dataset.classes)
-        log_model(plain, config.dataset.classes, example=val_x[:5])
-        log_training_curves(self.job_dir)
-        profile = self.project.dataset_dir / "profile.json"
-        if profile.is_file():
-            mlflow.log_artifact(str(profile), artifact_path="data")
-        log_classification_artifacts(val_metrics, config.dataset.classes, prefix="val")
-        samples_per_second = float(progress.samples_per_second())
-        mlflow.log_metrics(
-            {
-                "samples_per_second": samples_per_second,
-                "val_macro_f1": val_metrics.macro_f1,
-                "weights_checksum": checksum,
-            }
-        )
-        result = TrainResult(
-            run_id=self.run_id,
-            run_name=self.spec["run_name"],
-            model_uri=f"runs:/{self.run_id}/model",
-            data_version=self.spec["data_version"],
-            strategy=self.plan.kind,
-            replicas=self.replicas,
-            global_batch_size=self.global_batch,
-            epochs=config.train.epochs,
-            first_epoch_of_last_attempt=max(progress.first_epoch, 0),
-            val_accuracy=float(val_metrics.accuracy),
-            samples_per_second=samples_per_second,
-            weights_checksum=checksum,
-            job_dir=str(self.job_dir),
-        )
-        mlflow.log_dict(asdict(result), RESULT_ARTIFACT)
-        mlflow.flush_async_logging()  # MlflowCallback logs epochs asynchronously
-        mlflow.end_run()
-        write_json_atomic(self.job_dir / RESULT_FILE, asdict(result))
 
 
 def worker_main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ def test_two_workers_train_one_model_with_identical_weights(tmp_path: Path) -> N
     from pipelines.tracking import connect
     from pipelines.training.train import train
 
-    project = versioned_project(tmp_path / "project", {"train": {"epochs": 2}})
+    project = versioned_project(tmp_path / "project", {"train": {"epochs": 2}}, packed=True)  # read from images.zip
     result = train(project, workers=2, job_id="two-workers")
     job_dir = Path(result.job_dir)
     chief, other = read_json(job_dir / "worker-0.json"), read_json(job_dir / "worker-1.json")

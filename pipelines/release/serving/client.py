@@ -234,6 +234,8 @@ def served_versions(project: Project) -> list[dict[str, Any]]:
             try:
                 response = httpx.get(f"{replica.url}/model", headers=_headers(replica), timeout=timeout)
                 document = response.json()
+            except httpx.ConnectError:
+                entry.update(state="not running", detail="(nothing answers: `make serve` starts one)")
             except (httpx.HTTPError, ValueError) as error:
                 entry.update(state="unreachable", detail=type(error).__name__)
             else:

@@ -739,11 +739,11 @@ def test_status_shows_what_each_service_serves(
     services = {item["endpoint"]: item for item in status["services"]}
     assert services[served.url]["state"] == "serving", f"the running service: {services}"
     assert services[served.url]["version"] == good_champion, f"and the version it serves: {services}"
-    assert services[nowhere]["state"] == "unreachable", f"a service that is down: {services}"
+    assert services[nowhere]["state"] == "not running", f"a service that is down: {services}"
     assert time.monotonic() - started < 30, "status stays quick with a service down (bounded timeout)"
     text = format_status(status)
     assert f"{served.url}  version {good_champion}" in text, f"the status text names it: {text}"
-    assert f"{nowhere}  unreachable" in text, f"and the unreachable one: {text}"
+    assert f"{nowhere}  not running" in text, f"and the one that is down: {text}"
 
 
 def test_mlops_predict_prints_class_confidence_and_version(served: Served, good_champion: str) -> None:

@@ -17,13 +17,13 @@ from tests.support import TRAINING_OVERRIDES, versioned_project, write_params, w
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Project, Any]]:
-    """One project and one finished single-process training run, shared by the tests of this module."""
+    """One project (packed: images.zip, augmented.zip) and one finished single-process training run, shared."""
     from pipelines.training.train import train
 
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.delenv("TF_CONFIG", raising=False)
-        project = versioned_project(tmp_path_factory.mktemp("training") / "project")
+        project = versioned_project(tmp_path_factory.mktemp("training") / "project", packed=True)
         result = train(project, job_id="first")
         yield project, result
 
@@ -219,6 +219,49 @@ def test_class_set_change_fails_the_gate_and_registers_nothing(trained: tuple[Pr
     assert not registration.registered, "a failed candidate is not registered"
     assert len(client.search_model_versions("name = 'tiny-classifier'")) == before, "the registry is unchanged"
     assert client.get_run(candidate.run_id).data.tags["gate"] == "failed", "the run is tagged gate=failed"
+
+
+def test_inputs_read_packed_and_loose_datasets_alike_and_only_their_shard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from pipelines.data.packs import DatasetReader
+    from pipelines.training.inputs import load_arrays, make_dataset, split_files
+
+    projects = {}
+    for layout in ("loose", "packed"):
+        (tmp_path / layout).mkdir()
+        projects[layout] = Project.load(write_params(tmp_path / layout))
+        write_tiny_dataset(projects[layout], packed=layout == "packed")
+    assert (projects["packed"].dataset_dir / "images.zip").is_file(), "one dataset is packed"
+    assert (projects["loose"].dataset_dir / "images").is_dir(), "the other is loose, as versions before packs"
+    loose_x, loose_y = load_arrays(projects["loose"], "val")
+    packed_x, packed_y = load_arrays(projects["packed"], "val")
+    assert np.array_equal(loose_x, packed_x), "load_arrays decodes the same pixels from either layout"
+    assert np.array_equal(loose_y, packed_y), "and the same labels"
+
+    read: list[str] = []
+    real = DatasetReader.read
+
+    def recording(self: DatasetReader, path: str, limit_bytes: int) -> bytes:
+        read.append(path)
+        return real(self, path, limit_bytes)
+
+    monkeypatch.setattr(DatasetReader, "read", recording)
+    batches = {}
+    for layout, project in projects.items():
+        files = split_files(project, "train")
+        read.clear()
+        dataset = make_dataset(files, channels=1, batch_size=4, training=False, seed=0, num_shards=2, shard_index=0)
+        assert read == list(files.paths[0::2]), f"{layout}: only this worker's shard is read, in order: {read}"
+        batches[layout] = [(x.numpy(), y.numpy()) for x, y in dataset]
+    assert len(batches["packed"]) == len(batches["loose"]) == 2, "5 images of the shard in batches of 4"
+    for (loose_batch, loose_labels), (packed_batch, packed_labels) in zip(
+        batches["loose"], batches["packed"], strict=True
+    ):
+        assert np.array_equal(loose_batch, packed_batch), "make_dataset gives the same pixels from either layout"
+        assert np.array_equal(loose_labels, packed_labels), "and the same labels"
 
 
 def test_unknown_data_version_is_refused(trained: tuple[Project, Any]) -> None:
