@@ -149,7 +149,8 @@ def test_mlflow_outage_during_retrain_is_survived(environment: tuple[Api, Projec
 
     api, project, source, server = environment
     before = len(client(server).search_model_versions(f"name = '{MODEL}'"))
-    run_id = api.trigger("retrain", {"source": f"folder:{source}", "auto_promote": False})
+    # force: the same data, code and params as the test above would otherwise reuse its run and never train.
+    run_id = api.trigger("retrain", {"source": f"folder:{source}", "auto_promote": False, "force": True})
     job_dir = job_dir_for(project, f"retrain-{run_id}")
     wait_for(lambda: (job_dir / "job.json").exists(), 900, "the train task to start")
     server.stop()
