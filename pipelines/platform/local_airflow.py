@@ -132,35 +132,6 @@ def run_dag(dag: Any, log: Path, conf: dict[str, Any] | None = None, *, echo: bo
     return outcome
 
 
-PRELOADED_MODULES = (
-    "great_expectations",
-    "tensorflow",
-    "tf_keras",
-    "mlflow.pyfunc",
-    "sklearn.metrics",
-    "matplotlib.pyplot",
-)
-"""What the train and evaluate tasks import (Great Expectations is left out: loading it beside ingest slowed both)."""
-
-
-def _preload_in_background(modules: tuple[str, ...]) -> None:
-    """Import ``modules`` in a daemon thread while the first tasks run.
-
-    The tasks run in this process, and much of the data steps' time is spent outside the interpreter (DVC
-    subprocesses, Pillow's codecs), so the imports that the validate, train and evaluate tasks would pay for
-    happen meanwhile. A task that imports a module still being loaded waits for it (Python's import lock).
-    """
-    import importlib
-    import threading
-
-    def load() -> None:
-        for name in modules:
-            with contextlib.suppress(Exception):  # the task that needs it reports the real error
-                importlib.import_module(name)
-
-    threading.Thread(target=load, name="preload-imports", daemon=True).start()
-
-
 def run_pipeline(project: Project, *, force: bool = False) -> int:
     """Retrain through Airflow, promote the challenger, print the summary; return the exit status."""
     started = time.monotonic()
@@ -178,7 +149,6 @@ def run_pipeline(project: Project, *, force: bool = False) -> int:
         prepare_database()
         dags = load_dags()
         _warm_execution_api()
-    _preload_in_background(PRELOADED_MODULES)
     retrain = run_dag(dags["retrain"], retrain_log, {"source": project.config.ingest.source, "force": force})
     if not retrain.succeeded:
         print("retrain did not succeed: see the task states above and the log; the champion is unchanged")
