@@ -11,7 +11,10 @@ import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator
 
 from pipelines.errors import PipelineError
 
@@ -157,6 +160,17 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     if isinstance(value, list | tuple):
         return {prefix: ",".join(str(item) for item in value)}
     return {prefix: str(value)}
+
+
+def without_password(uri: str) -> str:
+    """``uri`` as it is; a ValueError when it holds a password (credentials belong in a Secret, not in a URI)."""
+    if urlsplit(uri).password is not None:
+        raise ValueError("holds a password: the credentials belong in the Secret")
+    return uri
+
+
+PasswordFreeUri = Annotated[str, AfterValidator(without_password)]
+"""A settings field holding a URI that must not carry a password (rendered into manifests)."""
 
 
 def redact(text: str) -> str:

@@ -10,7 +10,6 @@ writes a page a reviewer can open.
 
 from __future__ import annotations
 
-import html
 import re
 from typing import Any
 
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipelines.errors import PipelineError
 from pipelines.project import CHALLENGER_ALIAS, CHAMPION_ALIAS, Project
+from pipelines.release.html_page import Section, html_page
 
 SIGNIFICANCE = 0.05
 """McNemar p-value under which a difference in accuracy is called significant."""
@@ -213,7 +213,7 @@ def _difference(value: float | None) -> str:
     return "-" if value is None else f"{value:+.4f}"
 
 
-def _sections(report: ComparisonReport) -> list[tuple[str, list[str], list[list[str]]]]:
+def _sections(report: ComparisonReport) -> list[Section]:
     """(title, lines, table rows with a header row) for each part of the report, in order."""
     a, b, paired = report.a, report.b, report.paired
     return [
@@ -283,23 +283,8 @@ def format_text(report: ComparisonReport) -> str:
 
 def format_html(report: ComparisonReport) -> str:
     """The report as a self-contained HTML page."""
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(report.a.label)} vs {html.escape(report.b.label)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}</style></head><body>",
-        f"<h1>A = {html.escape(report.a.label)} vs B = {html.escape(report.b.label)}</h1>",
-    ]
-    for title, text, table in _sections(report):
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        parts += [f"<p>{html.escape(line)}</p>" for line in text]
-        if table:
-            header, *rows = table
-            parts.append("<table><tr>" + "".join(f"<th>{html.escape(cell)}</th>" for cell in header) + "</tr>")
-            parts += ["<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
-            parts.append("</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    a, b = report.a.label, report.b.label
+    return html_page(f"{a} vs {b}", f"A = {a} vs B = {b}", _sections(report))
 
 
 def comparison_with_champion(project: Project, version: str) -> str:

@@ -9,22 +9,19 @@ rolled back to, so the card says who promoted it, when and why.
 
 from __future__ import annotations
 
-import html
 import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from pipelines.project import Project
+from pipelines.release.html_page import Section, html_page
 
 CARD_FOLDER = "model_card"
 MARKDOWN_NAME = "model_card.md"
 HTML_NAME = "model_card.html"
 WEAK_RECALL = 0.95
 """Classes whose test recall is below this are named under known limits."""
-
-Section = tuple[str, list[str], list[list[str]]]
-"""(title, paragraphs, table rows with a header row first; no table when empty)."""
 
 
 def _load(client: Any, run_id: str, path: str) -> Any | None:
@@ -195,23 +192,7 @@ def render_markdown(title: str, sections: list[Section]) -> str:
 
 def render_html(title: str, sections: list[Section]) -> str:
     """The card as a self-contained HTML page."""
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-    ]
-    for heading, paragraphs, table in sections:
-        parts.append(f"<h2>{html.escape(heading)}</h2>")
-        parts += [f"<p>{html.escape(paragraph)}</p>" for paragraph in paragraphs]
-        if table:
-            header, *rows = table
-            parts.append("<table><tr>" + "".join(f"<th>{html.escape(cell)}</th>" for cell in header) + "</tr>")
-            parts += ["<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows]
-            parts.append("</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return html_page(title, title, sections, max_width="60em")
 
 
 def publish_model_card(project: Project, version: str) -> str:

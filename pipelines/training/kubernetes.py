@@ -32,12 +32,12 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipelines.errors import PipelineError
+from pipelines.tracking import PasswordFreeUri
 
 if TYPE_CHECKING:
     from airflow.sdk import XComArg
@@ -75,7 +75,7 @@ class KubernetesSettings(BaseModel):
     namespace: str
     pvc: str
     secret: str
-    tracking_uri: str
+    tracking_uri: PasswordFreeUri
     workers: int
     max_restarts: int
     project_dir: str = str(WORKSPACE / "project")
@@ -85,13 +85,6 @@ class KubernetesSettings(BaseModel):
     timeout_hours: float = 3.0
     conn_id: str | None = None
     queue: str = "default"
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _no_password(cls, uri: str) -> str:
-        if urlsplit(uri).password is not None:
-            raise ValueError("holds a password: the credentials belong in the Secret")
-        return uri
 
     @classmethod
     def from_environment(cls, *, workers: int, max_restarts: int, environ: Mapping[str, str] | None = None) -> Self:

@@ -15,10 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipelines.tracking import PasswordFreeUri
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "serving.yaml"
 PORT = 8000
@@ -34,18 +35,11 @@ class ServingSettings(BaseModel):
     namespace: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
     replicas: int = Field(3, ge=1, le=100)
     secret: str = Field("mlops-serving", pattern=r"^[a-z0-9]([-.a-z0-9]{0,251}[a-z0-9])?$")
-    tracking_uri: str = "http://mlflow:5000"
+    tracking_uri: PasswordFreeUri = "http://mlflow:5000"
     log_uri: str = "s3://mlops-data/predictions"
     feedback_uri: str = "s3://mlops-data/feedback"
     cpu: str = "2"
     memory: str = "4Gi"
-
-    @field_validator("tracking_uri")
-    @classmethod
-    def _no_password(cls, uri: str) -> str:
-        if urlsplit(uri).password is not None:
-            raise ValueError("holds a password: the credentials belong in the Secret")
-        return uri
 
     @property
     def endpoint(self) -> str:
