@@ -215,11 +215,12 @@ def run_child(
     env: Mapping[str, str] | None = None,
     timeout: float = 3600.0,
     prefix: Sequence[str] = (),
+    module: str = "benchmarks.child",
 ) -> tuple[dict[str, Any], float]:
-    """Run ``python -m benchmarks.child ARGS --out FILE``; return its JSON answer and its wall time in seconds."""
+    """Run ``python -m MODULE ARGS --out FILE``; return its JSON answer and its wall time in seconds."""
     out = log_path.with_suffix(".json")
     out.unlink(missing_ok=True)
-    command = [*prefix, sys.executable, "-m", "benchmarks.child", *args, "--out", str(out)]
+    command = [*prefix, sys.executable, "-m", module, *args, "--out", str(out)]
     started = time.perf_counter()
     with log_path.open("a", encoding="utf-8") as handle:
         handle.write(f"$ {' '.join(command)}\n")
@@ -236,6 +237,6 @@ def run_child(
     seconds = time.perf_counter() - started
     if completed.returncode != 0 or not out.is_file():
         raise BenchmarkError(
-            f"child {' '.join(args[:1])} exited with {completed.returncode} (log {log_path}):\n{tail(log_path)}"
+            f"{module} {' '.join(args[:2])} exited with {completed.returncode} (log {log_path}):\n{tail(log_path)}"
         )
     return json.loads(out.read_text(encoding="utf-8")), seconds

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,18 +39,15 @@ from typing import Any
 import yaml
 
 from benchmarks.common import (
-    REPO_ROOT,
-    BenchmarkError,
     Context,
     Outcome,
     Row,
-    child_env,
     digits_project,
     fmt,
     log,
     median,
     ratio,
-    tail,
+    run_child,
 )
 
 EXTRA_SEEDS = (7, 42, 2024)
@@ -117,29 +113,9 @@ def variant_params(project_params: Path, variant: Variant) -> Path:
 
 def run_process(runs: list[tuple[str, Path]], log_path: Path, timeout: float = 3600.0) -> list[dict[str, Any]]:
     """Train and evaluate each ``(job id, params)`` in order in one fresh process; one answer per run."""
-    out = log_path.with_suffix(".json")
-    out.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "benchmarks.quality", "--out", str(out)]
-    for job_id, params in runs:
-        command += ["--run", job_id, str(params)]
-    started = time.perf_counter()
-    with log_path.open("a", encoding="utf-8") as handle:
-        handle.write(f"$ {' '.join(command)}\n")
-        handle.flush()
-        completed = subprocess.run(
-            command,
-            cwd=REPO_ROOT,
-            env=child_env(),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
-        )
-    seconds = time.perf_counter() - started
-    if completed.returncode != 0 or not out.is_file():
-        jobs = ", ".join(job_id for job_id, _ in runs)
-        raise BenchmarkError(f"{jobs}: exited with {completed.returncode} (log {log_path}):\n{tail(log_path)}")
-    answers: list[dict[str, Any]] = json.loads(out.read_text(encoding="utf-8"))["runs"]
+    args = [part for job_id, params in runs for part in ("--run", job_id, str(params))]
+    reply, seconds = run_child(args, log_path, timeout=timeout, module="benchmarks.quality")
+    answers: list[dict[str, Any]] = reply["runs"]
     return [{**answer, "process_seconds": seconds, "log": str(log_path)} for answer in answers]
 
 
