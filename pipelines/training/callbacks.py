@@ -1,4 +1,4 @@
-"""The Keras callback every training worker keeps: a per-epoch progress log (MLflow logging is MLflow's callback).
+"""The Keras callbacks of a training worker: a per-epoch progress log, and MLflow's own callback, logging at once.
 
 This module imports tf-keras at the top: import it only inside a training worker.
 """
@@ -54,3 +54,25 @@ class ProgressLog(tf_keras.callbacks.Callback):  # type: ignore[misc]
         timed = self.epoch_seconds[1:] or self.epoch_seconds
         total = sum(timed)
         return self.samples_per_epoch * len(timed) / total if total > 0 else 0.0
+
+
+def synchronous_mlflow_callback() -> tf_keras.callbacks.Callback:
+    """MLflow's ``MlflowCallback`` (per-epoch metrics, optimizer settings, model summary), logging synchronously.
+
+    MLflow's callback queues its metrics for a background thread; ending the run then joins that thread, which
+    polls its queue with a one-second timeout, so ``end_run`` waited up to a second per flush (two per run: about
+    1.5 s of a 9 s train task, measured with py-spy). A handful of epochs logged directly costs milliseconds.
+    """
+    import mlflow
+    from mlflow.tensorflow.callback import MlflowCallback
+
+    class SynchronousMlflowCallback(MlflowCallback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            if self.log_every_epoch and logs is not None:
+                mlflow.log_metrics(logs, step=epoch, synchronous=True)
+
+        def on_test_end(self, logs: dict[str, float] | None = None) -> None:
+            if logs is not None:
+                mlflow.log_metrics({f"validation_{key}": value for key, value in logs.items()}, synchronous=True)
+
+    return SynchronousMlflowCallback()  # type: ignore[no-untyped-call]

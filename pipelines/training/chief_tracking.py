@@ -163,6 +163,5 @@ class ChiefTracker:
             job_dir=str(self.job_dir),
         )
         mlflow.log_dict(asdict(result), RESULT_ARTIFACT)
-        mlflow.flush_async_logging()  # MlflowCallback logs epochs asynchronously
         mlflow.end_run()
         write_json_atomic(self.job_dir / RESULT_FILE, asdict(result))

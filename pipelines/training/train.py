@@ -208,7 +208,7 @@ def run_worker(project: Project, job_dir: Path) -> None:
     import tf_keras
 
     from models.architectures import build_model
-    from pipelines.training.callbacks import ProgressLog
+    from pipelines.training.callbacks import ProgressLog, synchronous_mlflow_callback
     from pipelines.training.inputs import input_shape, make_dataset, split_files
     from pipelines.training.strategy import build_strategy, current_plan
 
@@ -258,10 +258,7 @@ def run_worker(project: Project, job_dir: Path) -> None:
     progress = ProgressLog(job_dir / f"progress-worker-{plan.worker_index}.jsonl", global_batch * steps_per_epoch)
     callbacks: list[Any] = [tf_keras.callbacks.BackupAndRestore(str(job_dir / "backup")), progress]
     if tracker is not None:
-        from mlflow.tensorflow.callback import MlflowCallback
-
-        # Per-epoch metrics, the optimizer's settings and the model summary (MLflow ships it untyped).
-        callbacks.append(MlflowCallback())  # type: ignore[no-untyped-call]
+        callbacks.append(synchronous_mlflow_callback())
     history = model.fit(
         dataset_fn(train_files, True),
         validation_data=dataset_fn(val_files, False),
