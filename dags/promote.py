@@ -64,7 +64,7 @@ def promote() -> None:
         force = bool(get_current_context()["params"]["force"])
         project = load_project()
         result = run_step(check, project, version, force)
-        print(comparison_with_champion(project, version) or "no other champion to compare with")
+        print(run_step(comparison_with_champion, project, version) or "no other champion to compare with")
         return {"version": result.version, "gate": result.gate, "forced": result.forced}
 
     @task(execution_timeout=timedelta(minutes=15))

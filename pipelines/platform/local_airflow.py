@@ -6,7 +6,9 @@ then the ``promote`` DAG (``version=challenger``) in ONE Python process through 
 this process, so TensorFlow, MLflow and Great Expectations are imported once for both DAGs instead of once per
 ``airflow`` command. It prepares the database in-process (migrated only when not at Airflow's head
 revision), creates the one-slot ``dvc`` pool, prints one line per task and a summary. Task output goes to a
-log file per DAG run. ``... dag DAG_ID --conf JSON`` runs one DAG the same way (what the end-to-end tests
+log file per DAG run. The tasks' step functions run in a warm step host (:mod:`pipelines.platform.step_host`),
+a child started first that imports TensorFlow, Great Expectations and MLflow on the other core while Airflow
+warms up here. ``... dag DAG_ID --conf JSON`` runs one DAG the same way (what the end-to-end tests
 and benchmarks call; :func:`dags_test` runs it in a child process). The Airflow home itself (environment,
 database, ``... prepare``, ``... ui``) is :mod:`pipelines.platform.airflow_home`.
 """
@@ -29,9 +31,42 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipelines.platform.airflow_home import DAGS_FOLDER, prepare_database, start_ui, use_airflow_env
+from pipelines.platform.step_host import hosting
 from pipelines.project import Project
 
 RESULT_SUFFIX = ".result.json"
+
+# What the step host imports ahead, per DAG, in the order the tasks need it (each step imports what it uses
+# itself: a module missing here only costs its import inside the task).
+PRELOAD: dict[str, tuple[str, ...]] = {
+    "retrain": (
+        "pipelines.data.ingest",
+        "pipelines.data.validate",
+        "pandas",
+        "great_expectations",
+        "pipelines.data.augment",
+        "pipelines.data.versioning",
+        "dvc.repo",
+        "tensorflow",
+        "tf_keras",
+        "mlflow",
+        "pipelines.training.train",
+        "pipelines.training.chief_tracking",
+        "pipelines.training.model_format",
+        "matplotlib.pyplot",
+        "sklearn.metrics",
+        "scipy.stats",
+        "pipelines.release.evaluate",
+        "pipelines.release.register",
+    ),
+    "promote": (
+        "mlflow",
+        "pipelines.release.promote",
+        "pipelines.release.infra_check",
+        "pipelines.release.model_card",
+        "pipelines.release.serving.client",
+    ),
+}
 
 
 # ------------------------------------------------------------------------------------- in this process
@@ -139,27 +174,29 @@ def run_pipeline(project: Project, *, force: bool = False) -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     print(f"Airflow home {root / 'airflow_home'} (SQLite); preparing the metadata database", flush=True)
     from pipelines.release.infra_check import start_clean_checker
-
-    # The promote DAG's clean-process check of the new version runs in this process's child: started now,
-    # its imports (MLflow, TensorFlow) overlap the retrain on the other core; it loads no model until asked.
-    start_clean_checker(project)
-    use_airflow_env(root)
-    retrain_log = project.logs_dir / f"retrain-{stamp}.log"
-    with _output_to(retrain_log):  # Airflow's start-up chatter goes with the run's log, not to the terminal
-        prepare_database()
-        dags = load_dags()
-        _warm_execution_api()
-    retrain = run_dag(dags["retrain"], retrain_log, {"source": project.config.ingest.source, "force": force})
-    if not retrain.succeeded:
-        print("retrain did not succeed: see the task states above and the log; the champion is unchanged")
-    promote = run_dag(
-        dags["promote"],
-        project.logs_dir / f"promote-{stamp}.log",
-        {"version": "challenger", "reason": "make run: promote the retrained challenger", "force": False},
-    )
     from pipelines.release.status import collect_status, format_status
 
-    status = collect_status(project)
+    use_airflow_env(root)
+    retrain_log = project.logs_dir / f"retrain-{stamp}.log"
+    with contextlib.ExitStack() as stack:
+        with _output_to(retrain_log):  # Airflow's start-up chatter goes with the run's log, not to the terminal
+            # The step host imports on the other core meanwhile, then starts the promote DAG's clean checker
+            # (its own imports overlap the retrain; it loads no model until asked).
+            host = stack.enter_context(
+                hosting(PRELOAD["retrain"] + PRELOAD["promote"], [(start_clean_checker, (project,))])
+            )
+            prepare_database()
+            dags = load_dags()
+            _warm_execution_api()
+        retrain = run_dag(dags["retrain"], retrain_log, {"source": project.config.ingest.source, "force": force})
+        if not retrain.succeeded:
+            print("retrain did not succeed: see the task states above and the log; the champion is unchanged")
+        promote = run_dag(
+            dags["promote"],
+            project.logs_dir / f"promote-{stamp}.log",
+            {"version": "challenger", "reason": "make run: promote the retrained challenger", "force": False},
+        )
+        status = host.call(collect_status, project) if host.alive else collect_status(project)
     print()
     print(_summary(project, status))
     print(format_status(status))
@@ -202,14 +239,16 @@ def _last_train(project: Project) -> dict[str, Any]:
 def run_one(project: Project, dag_id: str, conf: dict[str, Any] | None, log: Path) -> int:
     """Run one DAG in this process and write its outcome next to ``log`` (``<log>.result.json``)."""
     use_airflow_env(project.root)
-    with _output_to(log):
-        prepare_database()
-        dags = load_dags()
-    if dag_id not in dags:
-        print(f"error: no DAG {dag_id!r} in {DAGS_FOLDER} (found {sorted(dags)})", file=sys.stderr)
-        return 1
-    _warm_execution_api()
-    outcome = run_dag(dags[dag_id], log, conf)
+    with contextlib.ExitStack() as stack:
+        with _output_to(log):
+            stack.enter_context(hosting(PRELOAD.get(dag_id, ())))
+            prepare_database()
+            dags = load_dags()
+        if dag_id not in dags:
+            print(f"error: no DAG {dag_id!r} in {DAGS_FOLDER} (found {sorted(dags)})", file=sys.stderr)
+            return 1
+        _warm_execution_api()
+        outcome = run_dag(dags[dag_id], log, conf)
     (log.parent / (log.name + RESULT_SUFFIX)).write_text(json.dumps(asdict(outcome), indent=2), encoding="utf-8")
     return 0 if outcome.succeeded else 1
 

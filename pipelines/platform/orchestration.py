@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pipelines.config import Config, load_config
 from pipelines.project import Project
@@ -42,15 +42,28 @@ def dag_config() -> Config:
 
 def load_project() -> Project:
     """The project the tasks work on; a broken ``params.yaml`` fails the task at once (retrying cannot fix it)."""
-    return run_step(Project.load, params_path())
+    return _failing_fast(Project.load, params_path())
 
 
 def run_step(step: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call a pipeline step; a user error that retrying cannot fix fails the task at once, without retries."""
+    """Call a pipeline step; a user error that retrying cannot fix fails the task at once, without retries.
+
+    Where the local runner started a warm step host (:mod:`pipelines.platform.step_host`), the step runs there,
+    its imports already paid; otherwise in this process.
+    """
+    from pipelines.platform.step_host import active_host
+
+    host = active_host()
+    if host is None:
+        return _failing_fast(step, *args, **kwargs)
+    return cast(T, _failing_fast(host.call, step, *args, **kwargs))
+
+
+def _failing_fast(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     from pipelines.errors import PipelineError
 
     try:
-        return step(*args, **kwargs)
+        return call(*args, **kwargs)
     except PipelineError as error:
         if error.retryable:
             raise

@@ -63,8 +63,9 @@ def start_clean_checker(project: Project, *, keep: bool = True) -> subprocess.Po
     """Start ``python -I consumer_check.py --wait``: a clean process that imports MLflow and TensorFlow, then waits.
 
     With ``keep``, the next :func:`infra_validate` of this process uses it instead of starting one, so the
-    imports overlap whatever runs meanwhile (``make run`` starts it before the retrain). It loads no model until
-    asked, and each checker checks one version, so every check still loads its model in a fresh process.
+    imports overlap whatever runs meanwhile (``make run``'s step host starts it before the retrain). It loads no
+    model until asked, and each checker checks one version, so every check still loads its model in a fresh
+    process.
     """
     import atexit
     import tempfile
