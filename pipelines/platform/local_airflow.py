@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pipelines.platform.airflow_home import DAGS_FOLDER, prepare_database, start_ui, use_airflow_env
-from pipelines.platform.step_host import hosting
+from pipelines.platform.step_host import hosting, run_in_active_host
 from pipelines.project import Project
 
 RESULT_SUFFIX = ".result.json"
@@ -182,9 +182,7 @@ def run_pipeline(project: Project, *, force: bool = False) -> int:
         with _output_to(retrain_log):  # Airflow's start-up chatter goes with the run's log, not to the terminal
             # The step host imports on the other core meanwhile, then starts the promote DAG's clean checker
             # (its own imports overlap the retrain; it loads no model until asked).
-            host = stack.enter_context(
-                hosting(PRELOAD["retrain"] + PRELOAD["promote"], [(start_clean_checker, (project,))])
-            )
+            stack.enter_context(hosting(PRELOAD["retrain"] + PRELOAD["promote"], [(start_clean_checker, (project,))]))
             prepare_database()
             dags = load_dags()
             _warm_execution_api()
@@ -196,7 +194,7 @@ def run_pipeline(project: Project, *, force: bool = False) -> int:
             project.logs_dir / f"promote-{stamp}.log",
             {"version": "challenger", "reason": "make run: promote the retrained challenger", "force": False},
         )
-        status = host.call(collect_status, project) if host.alive else collect_status(project)
+        status = run_in_active_host(collect_status, project)
     print()
     print(_summary(project, status))
     print(format_status(status))

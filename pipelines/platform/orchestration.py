@@ -51,12 +51,9 @@ def run_step(step: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     Where the local runner started a warm step host (:mod:`pipelines.platform.step_host`), the step runs there,
     its imports already paid; otherwise in this process.
     """
-    from pipelines.platform.step_host import active_host
+    from pipelines.platform.step_host import run_in_active_host
 
-    host = active_host()
-    if host is None:
-        return _failing_fast(step, *args, **kwargs)
-    return cast(T, _failing_fast(host.call, step, *args, **kwargs))
+    return cast(T, _failing_fast(run_in_active_host, step, *args, **kwargs))
 
 
 def _failing_fast(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:

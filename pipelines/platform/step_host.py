@@ -118,6 +118,12 @@ def active_host() -> StepHost | None:
     return _ACTIVE if _ACTIVE is not None and _ACTIVE.alive else None
 
 
+def run_in_active_host(step: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``step(*args, **kwargs)`` in the active step host when there is one, otherwise in this process."""
+    host = active_host()
+    return step(*args, **kwargs) if host is None else host.call(step, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def hosting(preload: Sequence[str], warm_ups: Sequence[WarmUp] = ()) -> Iterator[StepHost]:
     """Start a step host for the steps run in this block (:func:`active_host`), and stop it afterwards."""
